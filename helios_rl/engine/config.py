@@ -1,0 +1,87 @@
+"""Engine settings (fixed for an engine's life) and ServingConfig (what controllers change)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from helios_rl.models.heads import CONFIDENCE_MEASURES
+
+KV_STRATEGIES = ("recompute", "copy")
+
+
+@dataclass
+class ServingConfig:
+    """The control knobs a controller sets at a step boundary. ``None`` keeps the current value.
+
+    - ``model``: name of the active model.
+    - ``depth``: number of loaded layers (partial load of layers 0..depth-1).
+    - ``max_batch``: cap on running requests (never above what the memory budget admits).
+    - ``threshold``: one confidence threshold for every exit layer, or ``{layer: threshold}``;
+      ``None`` keeps the current (calibrated thresholds when the model has trained heads).
+    - ``exit_layers``: layers (0-based) where a token may exit; ``()`` disables early exit.
+    - ``measure``: confidence measure (max_prob, margin, entropy).
+    """
+
+    model: str | None = None
+    depth: int | None = None
+    max_batch: int | None = None
+    threshold: float | dict[int, float] | None = None
+    exit_layers: tuple[int, ...] | None = None
+    measure: str | None = None
+
+    def merged_over(self, base: "ServingConfig") -> "ServingConfig":
+        """This config's set fields over ``base``'s."""
+        out = replace(base)
+        for k, v in asdict(self).items():
+            if v is not None:
+                setattr(out, k, v)
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if isinstance(d["threshold"], dict):
+            d["threshold"] = {str(k): v for k, v in d["threshold"].items()}
+        if d["exit_layers"] is not None:
+            d["exit_layers"] = list(d["exit_layers"])
+        return d
+
+
+@dataclass
+class EngineSettings:
+    """Fixed engine settings.
+
+    - ``memory_budget_bytes``: resident weights + KV storage must fit; the admissible batch follows.
+      ``None``: no budget, ``max_batch`` alone caps the batch.
+    - ``max_batch``: upper cap on running requests.
+    - ``max_model_len``: tokens of KV storage per request slot (prompt + output).
+    - ``kv_strategy``: ``recompute`` (exact) or ``copy`` (CALM-style) KV for skipped layers.
+    - ``pending_window``: at most this many positions of a request may wait for deeper-layer KV
+      (``recompute``); when full, its next token runs to the last loaded layer.
+    - ``max_prefill_tokens``: tokens prefilled in one step (admission stops beyond it).
+    """
+
+    memory_budget_bytes: int | None = None
+    max_batch: int = 16
+    max_model_len: int = 1024
+    kv_strategy: str = "recompute"
+    pending_window: int = 32
+    max_prefill_tokens: int = 4096
+    measure: str = "max_prob"
+    default_threshold: float = 0.9
+    device: str | None = None
+    dtype: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.kv_strategy not in KV_STRATEGIES:
+            raise ValueError(f"kv_strategy must be one of {KV_STRATEGIES}, got {self.kv_strategy!r}")
+        if self.measure not in CONFIDENCE_MEASURES:
+            raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {self.measure!r}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.pending_window < 2:
+            raise ValueError(f"pending_window must be >= 2, got {self.pending_window}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")

@@ -1,0 +1,442 @@
+"""The serving engine: continuous batching with per-request early exit.
+
+One ``step()`` is ``schedule() -> execute() -> update()``: admit waiting requests into free KV slots
+(prefill), advance every running request by one token (each row exits at its own layer), then
+append tokens, check stop conditions and free finished slots. ``apply(ServingConfig)`` changes the
+active model, loaded depth, thresholds or batch cap between steps without losing a request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from helios_rl.engine.config import EngineSettings, ServingConfig
+from helios_rl.engine.forward import ExitPolicy, LayerLoop
+from helios_rl.engine.kv_cache import KVPool
+from helios_rl.engine.request import Request, RequestError, SamplingParams, Status
+from helios_rl.engine.sampling import select_token
+from helios_rl.engine.telemetry import RequestRecord, StepRecord, Telemetry, TelemetrySnapshot
+from helios_rl.models.heads import CONFIDENCE_MEASURES
+from helios_rl.models.layered import LayeredModel
+
+ModelLoader = Callable[[str, int | None], LayeredModel]
+
+
+@dataclass
+class TokenEvent:
+    """One token produced for one request in one step."""
+
+    request_id: str
+    token_id: int
+    exit_layer: int
+    finished: bool
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Early-exit continuous-batching engine over one active :class:`LayeredModel`.
+
+    Args:
+        model: the initial model (already loaded to its initial depth).
+        settings: fixed engine settings (budget, batch cap, KV strategy, ...).
+        loader: ``loader(name, depth)`` returns another model when ``apply`` switches to it.
+        clock: time source for arrivals, TTFT and TPOT (wall clock by default; the environment
+            passes a virtual clock).
+    """
+
+    def __init__(self, model: LayeredModel, settings: EngineSettings | None = None,
+                 loader: ModelLoader | None = None, clock: Callable[[], float] | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.settings.validate()
+        self.loader = loader
+        self.clock = clock or time.perf_counter
+        self.model = model
+        self.telemetry = Telemetry()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.step_count = 0
+        self.config = ServingConfig(model=model.name, depth=model.depth, max_batch=self.settings.max_batch,
+                                    threshold=None, exit_layers=(), measure=self.settings.measure)
+        self.max_len = min(self.settings.max_model_len, model.max_positions)
+        self.pool: KVPool | None = None
+        self.loop: LayerLoop | None = None
+        self._policy = ExitPolicy()
+        self.max_batch = 0
+        self._configure(self.config, self.model)
+
+    # ================================================================== requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request; raises :class:`RequestError` naming the problem if it cannot be served."""
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            if self.model.tokenizer is None:
+                raise RequestError(f"model {self.model.name} has no tokenizer: pass token ids")
+            ids = self.model.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+            if any(t < 0 or t >= self.model.vocab_size for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {self.model.vocab_size})")
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; the context holds {self.max_len} "
+                               f"(max_model_len), leaving no room to generate")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests and not self.requests[rid].finished:
+            raise RequestError(f"request id {rid!r} is already in use")
+        req = Request(rid, ids, params, prompt_text=text,
+                      arrival_time=self.clock() if arrival_time is None else arrival_time)
+        if not params.greedy and params.seed is not None:
+            req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        self.telemetry.record_arrival(req.arrival_time)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "abort")
+
+    # ================================================================== control
+    def apply(self, config: ServingConfig) -> ServingConfig:
+        """Change model / depth / batch cap / thresholds at a step boundary; returns the new config.
+
+        Validation happens before anything changes: on error the engine keeps its current config.
+        Accepted requests always continue: across a depth change and a batch shrink they continue
+        (re-prefilled where needed); across a model switch they continue on the new model from
+        their text so far.
+        """
+        new = config.merged_over(self.config)
+        if new.model != self.model.name:
+            if self.loader is None:
+                raise ValueError(f"unknown model {new.model!r}: this engine has no loader for other models")
+            depth = config.depth  # None: the new model's full depth
+            model = self.loader(new.model, depth)
+            self.telemetry.loads += 1
+            new.depth = model.depth
+            try:
+                self._check(new, model)
+            except Exception:
+                model.unload()
+                raise
+            self._switch(model)
+            self.telemetry.switches += 1
+        else:
+            self._check(new, self.model)
+        self._configure(new, self.model)
+        return self.config
+
+    def _check(self, cfg: ServingConfig, model: LayeredModel) -> None:
+        if not isinstance(cfg.depth, int) or not 1 <= cfg.depth <= model.num_layers:
+            raise ValueError(f"depth must be between 1 and {model.num_layers} for {model.name}, got {cfg.depth!r}")
+        if cfg.max_batch is not None and (not isinstance(cfg.max_batch, int) or cfg.max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1, got {cfg.max_batch!r}")
+        if cfg.measure not in CONFIDENCE_MEASURES:
+            raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {cfg.measure!r}")
+        for layer in cfg.exit_layers or ():
+            if not 0 <= layer < model.num_layers:
+                raise ValueError(f"exit layer {layer} is outside {model.name}'s 0..{model.num_layers - 1}")
+        thr = cfg.threshold
+        vals = thr.values() if isinstance(thr, dict) else ([] if thr is None else [thr])
+        for v in vals:
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"threshold must be in [0, 1], got {v!r}")
+        if self.admissible_batch(cfg.depth, model) < 1:
+            raise ValueError(f"memory budget {self.settings.memory_budget_bytes} bytes cannot hold {model.name} "
+                             f"at depth {cfg.depth} plus one request's KV")
+
+    def admissible_batch(self, depth: int | None = None, model: LayeredModel | None = None) -> int:
+        """Largest batch the memory budget admits at ``depth`` (the settings' cap when no budget)."""
+        model = model or self.model
+        depth = model.depth if depth is None else depth
+        cap = self.settings.max_batch
+        budget = self.settings.memory_budget_bytes
+        if budget is None:
+            return cap
+        elem = torch.tensor([], dtype=model.dtype).element_size()
+        per_slot = KVPool.slot_bytes(depth, min(self.settings.max_model_len, model.max_positions),
+                                     model.kv_bytes_per_token_layer(), model.hidden_size,
+                                     self.settings.pending_window, elem, self.settings.kv_strategy == "recompute")
+        adapters = sum(p.numel() * p.element_size() for a in model.heads.adapters.values() for p in a.parameters())
+        free = budget - model.weight_bytes_at_depth(depth) - adapters
+        return max(0, min(cap, free // per_slot))
+
+    def _configure(self, cfg: ServingConfig, model: LayeredModel) -> None:
+        old_depth = model.depth
+        if cfg.depth != old_depth:
+            model.set_depth(cfg.depth)
+            if cfg.depth > old_depth:
+                self.telemetry.loads += 1
+        admissible = self.admissible_batch(cfg.depth, model)
+        if admissible < 1:
+            raise ValueError(f"memory budget cannot hold {model.name} at depth {cfg.depth}")
+        max_batch = min(admissible, cfg.max_batch or admissible)
+        self.max_len = min(self.settings.max_model_len, model.max_positions)
+        self._resize_pool(max_batch, cfg.depth, model)
+        if cfg.depth > old_depth:
+            for req in self.running:  # new layers have no K/V for their positions yet: rebuild them
+                self.pool.kv_len[req.slot] = 0
+                req.needs_prefill = True
+        self.model = model
+        self.max_batch = max_batch
+        cfg.max_batch = max_batch
+        self.config = cfg
+        self._policy = self._exit_policy(cfg, model)
+
+    def _exit_policy(self, cfg: ServingConfig, model: LayeredModel) -> ExitPolicy:
+        layers = frozenset(l for l in (cfg.exit_layers or ()) if l < model.depth)
+        calibrated = model.heads.thresholds.get(cfg.measure, {})
+        thr: dict[int, float] = {}
+        for layer in range(model.num_layers):
+            if isinstance(cfg.threshold, dict):
+                thr[layer] = float(cfg.threshold.get(layer, cfg.threshold.get(str(layer), 1.1)))
+            elif cfg.threshold is not None:
+                thr[layer] = float(cfg.threshold)
+            else:
+                thr[layer] = float(calibrated.get(layer, self.settings.default_threshold))
+        return ExitPolicy(layers=layers, thresholds=thr, measure=cfg.measure, kv_strategy=self.settings.kv_strategy,
+                          track_confidence=bool(layers))
+
+    def _resize_pool(self, slots: int, depth: int, model: LayeredModel) -> None:
+        same_model = self.pool is not None and self.loop is not None and self.loop.model is model
+        if same_model and self.pool.num_slots == slots:
+            self.pool.set_depth(depth)
+            return
+        old = self.pool if same_model else None
+        # preempt the newest running requests beyond the new cap (they resume by re-prefill)
+        while len(self.running) > slots:
+            req = self.running.pop()
+            self._preempt(req)
+        pool = KVPool(slots, depth, self.max_len if old is None else old.max_len, model.num_kv_heads,
+                      model.head_dim, model.hidden_size, self.settings.pending_window, model.dtype, model.device,
+                      with_hbuf=self.settings.kv_strategy == "recompute")
+        if old is not None:
+            old.set_depth(depth)
+            for req in self.running:
+                new_slot = pool.alloc()
+                keep = min(depth, old.depth)
+                for layer in range(keep):
+                    pool.k[layer][new_slot] = old.k[layer][req.slot]
+                    pool.v[layer][new_slot] = old.v[layer][req.slot]
+                pool.kv_len[new_slot, :keep] = old.kv_len[req.slot, :keep]
+                if pool.hbuf is not None:
+                    pool.hbuf[new_slot] = old.hbuf[req.slot]
+                req.slot = new_slot
+        else:
+            for req in self.running:
+                req.slot = pool.alloc()
+                req.needs_prefill = True
+        self.pool = None  # drop the old pool before keeping the new one
+        self.pool = pool
+        self.loop = LayerLoop(model, pool)
+
+    def _preempt(self, req: Request) -> None:
+        if self.pool is not None and req.slot is not None and req.slot < self.pool.num_slots:
+            self.pool.free(req.slot)
+        req.slot = None
+        req.status = Status.WAITING
+        req.needs_prefill = True
+        req.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _switch(self, model: LayeredModel) -> None:
+        """Move every accepted request onto ``model``, continuing from its text so far."""
+        old = self.model
+        same_vocab = _same_tokenizer(old, model)
+        for req in list(self.running) + list(self.waiting):
+            if same_vocab:
+                continue
+            produced = old.tokenizer.decode(req.output_ids, skip_special_tokens=True) if req.output_ids else ""
+            prompt = req.prompt_text if req.prompt_text is not None else old.tokenizer.decode(req.prompt_ids)
+            req.text_before_switch += produced
+            req.token_ids = model.tokenizer(prompt + req.text_before_switch, add_special_tokens=True)["input_ids"]
+            req.prompt_text = prompt
+            req.output_ids = []
+            if len(req.token_ids) >= self.max_len:
+                req.token_ids = req.token_ids[-(self.max_len - 1):]
+        for req in self.running:
+            req.needs_prefill = True
+        old.unload()
+        self.loop = None
+        self.pool = None
+        self.model = model
+
+    # ================================================================== step
+    def step(self) -> list[TokenEvent]:
+        """One engine iteration. Returns the tokens produced."""
+        t_start = self.clock()
+        t0 = time.perf_counter()
+        admitted = self._schedule()
+        prefill_rows = [r for r in self.running if r.needs_prefill]
+        decode_rows = [r for r in self.running if not r.needs_prefill]
+        events: list[TokenEvent] = []
+        counts = np.zeros(self.model.num_layers, dtype=np.int64)
+        stats = {"greedy": 0, "breach": 0, "conf_sum": 0.0, "conf_n": 0}
+        prefill_tokens = sum(r.seq_len for r in prefill_rows)
+        with torch.inference_mode():
+            if prefill_rows:
+                for r in prefill_rows:
+                    self.pool.kv_len[r.slot] = 0
+                policy = ExitPolicy(measure=self._policy.measure, kv_strategy=self._policy.kv_strategy,
+                                    track_confidence=self._policy.track_confidence,
+                                    thresholds=self._policy.thresholds)
+                exits = self.loop.run_rows([r.slot for r in prefill_rows], [r.token_ids for r in prefill_rows], policy)
+                for r in prefill_rows:
+                    r.needs_prefill = False
+                events += self._update(prefill_rows, exits, counts, stats)
+            if decode_rows:
+                depth = self.model.depth
+                allow = np.asarray([r.seq_len - self.pool.kv_len[r.slot, depth - 1] <= self.pool.pending_window
+                                    for r in decode_rows]) if self._policy.kv_strategy == "recompute" else None
+                exits = self.loop.run_rows([r.slot for r in decode_rows], [r.token_ids for r in decode_rows],
+                                           self._policy, allow)
+                events += self._update(decode_rows, exits, counts, stats)
+        duration = time.perf_counter() - t0
+        self.step_count += 1
+        finished = sum(1 for e in events if e.finished)
+        self.telemetry.record_step(StepRecord(
+            step=self.step_count, t_start=t_start, duration=duration, model=self.model.name, depth=self.model.depth,
+            prefill_tokens=prefill_tokens, decode_tokens=len(events), exit_counts=counts,
+            greedy_exits=stats["greedy"], breaches=stats["breach"], conf_sum=stats["conf_sum"],
+            conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished))
+        del admitted
+        return events
+
+    def _schedule(self) -> list[Request]:
+        admitted = []
+        budget = self.settings.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_batch and self.pool.free_slots:
+            req = self.waiting[0]
+            if admitted and req.seq_len > budget:
+                break
+            self.waiting.popleft()
+            req.slot = self.pool.alloc()
+            req.status = Status.RUNNING
+            req.needs_prefill = True
+            self.running.append(req)
+            admitted.append(req)
+            budget -= req.seq_len
+        return admitted
+
+    def _update(self, rows: list[Request], exits, counts: np.ndarray, stats: dict) -> list[TokenEvent]:
+        events = []
+        now = self.clock()
+        for ex in exits:
+            req = rows[ex.index]
+            tok = select_token(ex.logits, req.params, req.generator)
+            counts[ex.layer] += 1
+            if ex.conf is not None:
+                stats["conf_sum"] += ex.conf
+                stats["conf_n"] += 1
+            if ex.greedy:
+                stats["greedy"] += 1
+                if self.model.depth < self.model.num_layers:
+                    stats["breach"] += 1
+            req.token_ids.append(tok)
+            req.output_ids.append(tok)
+            req.num_generated += 1
+            req.exit_layers.append(ex.layer)
+            req.models.append(self.model.name)
+            if ex.conf is not None:
+                req.confidences.append(ex.conf)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req, tok)
+            if reason is not None:
+                self._finish(req, reason, now)
+            events.append(TokenEvent(req.request_id, tok, ex.layer, reason is not None, reason))
+        return events
+
+    def _stop_reason(self, req: Request, tok: int) -> str | None:
+        if not req.params.ignore_eos and tok in self.model.eos_token_ids:
+            return "stop"
+        if req.params.stop:
+            text = self.output_text(req)
+            for s in req.params.stop:
+                if s in text:
+                    return "stop"
+        if req.num_generated >= req.params.max_new_tokens or req.seq_len >= self.max_len:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot is not None and self.pool is not None:
+            self.pool.free(req.slot)
+        req.slot = None
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = now
+        req.output_text = self.output_text(req)
+        self.telemetry.record_request(RequestRecord(req.request_id, req.arrival_time, req.ttft(), req.tpot(),
+                                                    now - req.arrival_time, req.num_generated, reason))
+
+    def output_text(self, req: Request) -> str:
+        """User-visible output so far (stop strings cut it)."""
+        tok = self.model.tokenizer
+        text = req.text_before_switch + (tok.decode(req.output_ids, skip_special_tokens=True) if tok else "")
+        for s in req.params.stop:
+            i = text.find(s)
+            if i >= 0:
+                text = text[:i]
+        return text
+
+    # ================================================================== helpers
+    def run_until_done(self, max_steps: int | None = None) -> list[TokenEvent]:
+        events = []
+        steps = 0
+        while self.has_unfinished() and (max_steps is None or steps < max_steps):
+            events += self.step()
+            steps += 1
+        return events
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Request]:
+        """Serve ``prompts`` to completion (all queued at once); returns their finished requests."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, SamplingParams(**vars(pp)) if pp else None) for p, pp in zip(prompts, plist)]
+        self.run_until_done()
+        return [self.requests[i] for i in ids]
+
+    def resident_bytes(self) -> int:
+        return self.model.resident_bytes() + (self.pool.nbytes() if self.pool is not None else 0)
+
+    def snapshot(self, since: float | None = None) -> TelemetrySnapshot:
+        return self.telemetry.snapshot(
+            since=since, now=self.clock(), model=self.model.name, depth=self.model.depth,
+            num_layers=self.model.num_layers, max_batch=self.max_batch, running=len(self.running),
+            waiting=len(self.waiting), resident_bytes=self.resident_bytes(),
+            weight_bytes=self.model.resident_bytes(), kv_bytes=self.pool.nbytes() if self.pool else 0,
+            budget_bytes=self.settings.memory_budget_bytes)
+
+
+def _same_tokenizer(a: LayeredModel, b: LayeredModel) -> bool:
+    ta, tb = a.tokenizer, b.tokenizer
+    if ta is None and tb is None:
+        return a.vocab_size == b.vocab_size
+    if ta is None or tb is None:
+        return False
+    return ta.get_vocab() == tb.get_vocab()

@@ -1,0 +1,204 @@
+"""The layer loop: run a batch of rows through the loaded layers with per-row early exit.
+
+Every row carries a *query window*: the positions whose K/V this layer still lacks, ending at the
+row's newest token. For a decode row without pending positions that is one position; for a
+prefill it is the whole prompt; under the ``recompute`` strategy, positions that exited early at
+an earlier step join the window at the first layer they skipped (their hidden states wait in the
+pool's ``hbuf``), so the deep token recomputes them exactly, in the same causal pass. Windows are
+right-aligned in a padded ``[B, Q, H]`` tensor; pad queries write nothing and are discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from helios_rl.engine.kv_cache import KVPool
+from helios_rl.models.heads import confidence
+from helios_rl.models.layered import LayeredModel
+
+
+@dataclass
+class RowExit:
+    """How one row left the layer loop."""
+
+    index: int  # index into the batch handed to ``run_rows``
+    layer: int
+    logits: torch.Tensor  # [V]
+    conf: float | None
+    greedy: bool  # reached the last loaded layer without passing a threshold
+
+
+@dataclass
+class ExitPolicy:
+    """Where rows may exit and at what confidence."""
+
+    layers: frozenset[int] = frozenset()
+    thresholds: dict[int, float] = field(default_factory=dict)
+    measure: str = "max_prob"
+    kv_strategy: str = "recompute"
+    track_confidence: bool = False
+
+
+class _LayerView:
+    """What HF attention sees as ``past_key_values``: writes this step's K/V, returns the history."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+
+    def bind(self, slots_np, slots_t, pos_t, n, p, q, contig, lmax) -> None:
+        self.slots_np, self.slots_t, self.pos_t = slots_np, slots_t, pos_t
+        self.n, self.p, self.q, self.contig, self.lmax = n, p, q, contig, lmax
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.q == 1:
+            self.pool.write_last(layer_idx, self.slots_t, self.pos_t, k[:, :, 0], v[:, :, 0])
+        else:
+            for r in range(len(self.slots_np)):
+                n = int(self.n[r])
+                self.pool.write_range(layer_idx, int(self.slots_np[r]), int(self.p[r]) - n + 1,
+                                      k[r, :, self.q - n:], v[r, :, self.q - n:])
+        return self.pool.read(layer_idx, self.slots_t, self.contig, self.lmax)
+
+
+def _contiguous_start(slots: np.ndarray) -> int | None:
+    if len(slots) and slots[-1] - slots[0] == len(slots) - 1 and np.all(np.diff(slots) == 1):
+        return int(slots[0])
+    return None
+
+
+class LayerLoop:
+    """Runs rows through ``model``'s loaded layers, writing K/V into ``pool``."""
+
+    def __init__(self, model: LayeredModel, pool: KVPool) -> None:
+        self.model, self.pool = model, pool
+        self.fam = model.family
+        self.view = _LayerView(pool)
+        self.windows = [self.fam.sliding_window(i) for i in range(model.num_layers)]
+
+    def run_rows(self, slots: list[int], seqs: list[list[int]], policy: ExitPolicy,
+                 allow_exit: np.ndarray | None = None) -> list[RowExit]:
+        """Advance each row by its newest token; rows' earlier positions must be in the pool.
+
+        ``seqs[r]`` is row r's whole token sequence; positions from the pool's layer-0 ``kv_len``
+        to the end are embedded and run. ``allow_exit[r]`` False forces row r to the last layer.
+        """
+        model, pool, dev = self.model, self.pool, self.model.device
+        depth = model.depth
+        slots_np = np.asarray(slots, dtype=np.int64)
+        p = np.asarray([len(s) - 1 for s in seqs], dtype=np.int64)
+        n = p - pool.kv_len[slots_np, 0] + 1
+        q = int(n.max())
+        ids = torch.zeros(len(slots), q, dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, q - n[r]:] = torch.as_tensor(s[len(s) - n[r]:])
+        pos = self._positions(p, q)
+        h = self.fam.embed(ids.to(dev), pos)
+        idx = np.arange(len(slots))  # original batch index of each active row
+        allow = np.ones(len(slots), dtype=bool) if allow_exit is None else allow_exit.copy()
+        exits: list[RowExit] = []
+        geometry = None
+        last = depth - 1
+        for layer in range(depth):
+            need = p - pool.kv_len[slots_np, layer] + 1
+            if np.any(need > n):
+                h = self._grow(h, n, need, slots_np, p)
+                n = need
+                geometry = None
+            q = h.shape[1]
+            if geometry is None:
+                slots_t = torch.as_tensor(slots_np, device=dev)
+                pos = self._positions(p, q)
+                tables = self.fam.position_tables(h, pos)
+                masks: dict[int | None, torch.Tensor] = {}
+                pos_last = torch.as_tensor(p, device=dev)
+                contig = _contiguous_start(slots_np)
+                lmax = int(p.max()) + 1
+                geometry = True
+            win = self.windows[layer]
+            if win not in masks:
+                masks[win] = self._mask(pos, lmax, win)
+            self.view.bind(slots_np, slots_t, pos_last, n, p, q, contig, lmax)
+            h = self.fam.run_layer(layer, h, masks[win], self.view, tables, pos)
+            pool.kv_len[slots_np, layer] = p + 1
+            if layer == last:
+                break
+            if layer in policy.layers and allow.any():
+                logits = model.heads.logits(layer, h[:, -1])
+                conf = confidence(logits, policy.measure)
+                thr = policy.thresholds.get(layer, 1.1)
+                out = (conf >= thr).cpu().numpy() & allow
+                if out.any():
+                    conf_np = conf.float().cpu().numpy()
+                    rows = np.nonzero(out)[0]
+                    for r in rows:
+                        exits.append(RowExit(int(idx[r]), layer, logits[r], float(conf_np[r]), False))
+                    self._leave(layer, h, rows, slots_np, p, n, policy, depth)
+                    keep = ~out
+                    if not keep.any():
+                        return exits
+                    kt = torch.as_tensor(np.nonzero(keep)[0], device=dev)
+                    h = h.index_select(0, kt)
+                    slots_np, p, n, idx, allow = slots_np[keep], p[keep], n[keep], idx[keep], allow[keep]
+                    geometry = None
+        hl = h[:, -1]
+        logits = model.heads.final_logits(hl) if depth == model.num_layers else model.heads.logits(last, hl)
+        conf_np = None
+        if policy.track_confidence:
+            conf_np = confidence(logits, policy.measure).float().cpu().numpy()
+        for r in range(len(idx)):
+            c = None if conf_np is None else float(conf_np[r])
+            greedy = bool(policy.layers) and (c is None or c < policy.thresholds.get(last, 1.1))
+            exits.append(RowExit(int(idx[r]), last, logits[r], c, greedy))
+        return exits
+
+    # ----- helpers -------------------------------------------------------------------------------
+    def _positions(self, p: np.ndarray, q: int) -> torch.Tensor:
+        pos = torch.as_tensor(p)[:, None] - (q - 1) + torch.arange(q)[None, :]
+        return pos.clamp_min(0).to(self.model.device)
+
+    def _mask(self, pos: torch.Tensor, lmax: int, window: int | None) -> torch.Tensor:
+        """Bool [B, 1, Q, L]: key k visible to query at position qp iff k <= qp (and within the window)."""
+        keys = torch.arange(lmax, device=pos.device)[None, None, :]
+        qp = pos[:, :, None]
+        m = keys <= qp
+        if window is not None:
+            m &= keys > qp - window
+        return m[:, None]
+
+    def _grow(self, h: torch.Tensor, n: np.ndarray, need: np.ndarray, slots: np.ndarray, p: np.ndarray):
+        """Widen the query window: positions that skipped this layer join from ``hbuf``."""
+        hbuf, w = self.pool.hbuf, self.pool.pending_window
+        qn = int(need.max())
+        out = h.new_zeros(h.shape[0], qn, h.shape[2])
+        out[:, qn - h.shape[1]:] = h
+        for r in np.nonzero(need > n)[0]:
+            first = int(p[r] - need[r] + 1)
+            last = int(p[r] - n[r] + 1)
+            ring = torch.arange(first, last) % w
+            out[r, qn - need[r]: qn - n[r]] = hbuf[int(slots[r]), ring.to(hbuf.device)]
+        return out
+
+    def _leave(self, layer: int, h: torch.Tensor, rows: np.ndarray, slots: np.ndarray, p: np.ndarray,
+               n: np.ndarray, policy: ExitPolicy, depth: int) -> None:
+        """Rows ``rows`` exit after ``layer``: keep deeper layers' K/V recoverable (or fill them)."""
+        q = h.shape[1]
+        if policy.kv_strategy == "recompute":
+            hbuf, w = self.pool.hbuf, self.pool.pending_window
+            for r in rows:
+                k = int(n[r])
+                ring = torch.arange(int(p[r]) - k + 1, int(p[r]) + 1) % w
+                hbuf[int(slots[r]), ring.to(hbuf.device)] = h[r, q - k:]
+            return
+        # copy (CALM): the exit hidden state stands in as the input of every skipped layer
+        rt = torch.as_tensor(rows, device=h.device)
+        hx = h.index_select(0, rt)[:, -1:]
+        pos = torch.as_tensor(p[rows], device=h.device)[:, None]
+        tables = self.fam.position_tables(hx, pos)
+        sl = torch.as_tensor(slots[rows], device=h.device)
+        for lay in range(layer + 1, depth):
+            k, v = self.fam.layer_kv(lay, hx, tables, pos)
+            self.pool.write_last(lay, sl, pos[:, 0], k[:, :, 0], v[:, :, 0])
+            self.pool.kv_len[slots[rows], lay] = p[rows] + 1

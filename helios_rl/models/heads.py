@@ -1,0 +1,65 @@
+"""Exit heads and confidence measures.
+
+An exit head turns the hidden state after layer ``l`` into next-token logits. The shared head is the
+model's own final norm + LM head applied to any layer; a trained head (see ``helios_rl.exits``)
+replaces the final norm by a light per-layer adapter and still feeds the shared LM head. Every
+confidence measure is scaled so that higher means more confident and 1.0 is certain, so one
+threshold per layer reads the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+
+
+def confidence(logits: torch.Tensor, measure: str = "max_prob") -> torch.Tensor:
+    """Confidence in [0, 1] per row of ``logits`` [N, V].
+
+    - ``max_prob``: largest softmax probability.
+    - ``margin``: top-1 minus top-2 probability.
+    - ``entropy``: 1 - H(p) / log(V).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    if measure == "max_prob":
+        return probs.max(dim=-1).values
+    if measure == "margin":
+        top = probs.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+    if measure == "entropy":
+        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        return 1.0 - ent / math.log(logits.shape[-1])
+    raise ValueError(f"unknown confidence measure {measure!r}; choose one of {CONFIDENCE_MEASURES}")
+
+
+class ExitHeads:
+    """Per-layer exit heads over one model's shared LM head.
+
+    ``adapters[l]`` (optional) maps the hidden state after layer ``l`` to the LM head's input. Layers
+    without an adapter use the shared head: the model's final norm.
+    """
+
+    def __init__(self, final_norm: Callable[[torch.Tensor], torch.Tensor],
+                 lm_head: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.adapters: dict[int, nn.Module] = {}
+        self.thresholds: dict[str, dict[int, float]] = {}  # measure -> layer -> calibrated threshold
+        self.source: str = "shared"
+
+    def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the hidden state after ``layer`` (0-based)."""
+        adapter = self.adapters.get(layer)
+        return self.lm_head(adapter(h) if adapter is not None else self.final_norm(h))
+
+    def final_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's own head, as used at full depth."""
+        return self.lm_head(self.final_norm(h))
+
+    def has_trained(self, layer: int) -> bool:
+        return layer in self.adapters

@@ -46,3 +46,20 @@ def save_tiny(family: str, folder: Path, layers: int = 6, seed: int = 0, dtype=t
 
 def load_hf(folder: Path, dtype=torch.float64):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def save_word_tokenizer(folder: Path, shift: int = 0) -> None:
+    """A real (tokenizers-library) word-level tokenizer over the tiny vocabulary: ``w3 w4 ...``.
+
+    ``shift`` rotates which id each word gets, so two models can share words but not ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": 3 + (i - 3 + shift) % (VOCAB - 3) for i in range(3, VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)

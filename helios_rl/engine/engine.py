@@ -64,7 +64,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.step_count = 0
-        self.config = ServingConfig(model=model.name, depth=model.depth, max_batch=self.settings.max_batch,
+        self.config = ServingConfig(model=model.name, depth=model.depth, max_batch=None,
                                     threshold=None, exit_layers=(), measure=self.settings.measure)
         self.max_len = min(self.settings.max_model_len, model.max_positions)
         self.pool: KVPool | None = None
@@ -199,8 +199,7 @@ class Engine:
                 self.pool.kv_len[req.slot] = 0
                 req.needs_prefill = True
         self.model = model
-        self.max_batch = max_batch
-        cfg.max_batch = max_batch
+        self.max_batch = max_batch  # effective cap; cfg.max_batch stays the requested one
         self.config = cfg
         self._policy = self._exit_policy(cfg, model)
 
@@ -298,10 +297,9 @@ class Engine:
             if prefill_rows:
                 for r in prefill_rows:
                     self.pool.kv_len[r.slot] = 0
-                policy = ExitPolicy(measure=self._policy.measure, kv_strategy=self._policy.kv_strategy,
-                                    track_confidence=self._policy.track_confidence,
-                                    thresholds=self._policy.thresholds)
-                exits = self.loop.run_rows([r.slot for r in prefill_rows], [r.token_ids for r in prefill_rows], policy)
+                # prefill runs every loaded layer (no exit); its first token is judged like any other
+                exits = self.loop.run_rows([r.slot for r in prefill_rows], [r.token_ids for r in prefill_rows],
+                                           self._policy, allow_exit=np.zeros(len(prefill_rows), dtype=bool))
                 for r in prefill_rows:
                     r.needs_prefill = False
                 events += self._update(prefill_rows, exits, counts, stats)
@@ -372,10 +370,9 @@ class Engine:
         if not req.params.ignore_eos and tok in self.model.eos_token_ids:
             return "stop"
         if req.params.stop:
-            text = self.output_text(req)
-            for s in req.params.stop:
-                if s in text:
-                    return "stop"
+            text = self._raw_text(req)
+            if any(s in text for s in req.params.stop):
+                return "stop"
         if req.num_generated >= req.params.max_new_tokens or req.seq_len >= self.max_len:
             return "length"
         return None
@@ -396,13 +393,16 @@ class Engine:
 
     def output_text(self, req: Request) -> str:
         """User-visible output so far (stop strings cut it)."""
-        tok = self.model.tokenizer
-        text = req.text_before_switch + (tok.decode(req.output_ids, skip_special_tokens=True) if tok else "")
+        text = self._raw_text(req)
         for s in req.params.stop:
             i = text.find(s)
             if i >= 0:
                 text = text[:i]
         return text
+
+    def _raw_text(self, req: Request) -> str:
+        tok = self.model.tokenizer
+        return req.text_before_switch + (tok.decode(req.output_ids, skip_special_tokens=True) if tok else "")
 
     # ================================================================== helpers
     def run_until_done(self, max_steps: int | None = None) -> list[TokenEvent]:

@@ -89,13 +89,14 @@ class LayerLoop:
         depth = model.depth
         slots_np = np.asarray(slots, dtype=np.int64)
         p = np.asarray([len(s) - 1 for s in seqs], dtype=np.int64)
-        n = p - pool.kv_len[slots_np, 0] + 1
+        n = np.maximum(p - pool.kv_len[slots_np, 0] + 1, 0)
         q = int(n.max())
         ids = torch.zeros(len(slots), q, dtype=torch.long)
         for r, s in enumerate(seqs):
-            ids[r, q - n[r]:] = torch.as_tensor(s[len(s) - n[r]:])
+            if n[r]:
+                ids[r, q - n[r]:] = torch.as_tensor(s[len(s) - n[r]:])
         pos = self._positions(p, q)
-        h = self.fam.embed(ids.to(dev), pos)
+        h = self.fam.embed(ids.to(dev), pos)  # q == 0 (flush): an empty window that grows from hbuf
         idx = np.arange(len(slots))  # original batch index of each active row
         allow = np.ones(len(slots), dtype=bool) if allow_exit is None else allow_exit.copy()
         exits: list[RowExit] = []
@@ -108,6 +109,8 @@ class LayerLoop:
                 n = need
                 geometry = None
             q = h.shape[1]
+            if q == 0:
+                continue
             if geometry is None:
                 slots_t = torch.as_tensor(slots_np, device=dev)
                 pos = self._positions(p, q)

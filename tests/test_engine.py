@@ -1,0 +1,302 @@
+"""Engine correctness: identity with transformers generate, exact KV under early exit, control."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from helios_rl.engine.config import EngineSettings, ServingConfig
+from helios_rl.engine.engine import Engine
+from helios_rl.engine.request import RequestError, SamplingParams
+from helios_rl.models.layered import LayeredModel
+from tiny_models import FAMILIES, load_hf
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41], [50, 51]]
+
+
+@functools.lru_cache(maxsize=None)
+def _hf(folder):
+    return load_hf(folder)
+
+
+def hf_greedy(folder, prompt, n):
+    hf = _hf(folder)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def make_engine(folder, **kw) -> Engine:
+    depth = kw.pop("depth", None)
+    model = LayeredModel(folder, depth=depth, device="cpu", dtype=torch.float64)
+    kw.setdefault("max_model_len", 128)
+    return Engine(model, EngineSettings(**kw))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_depth_batch1_identical_to_generate(tiny_dirs, family):
+    eng = make_engine(tiny_dirs[family], max_batch=1)
+    (req,) = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert req.output_ids == hf_greedy(tiny_dirs[family], PROMPTS[0], 16)
+    assert set(req.exit_layers) == {5}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuous_batching_with_late_joins_identical_to_generate(tiny_dirs, family):
+    """Prompts of different lengths join at different steps; each output equals its own generate."""
+    eng = make_engine(tiny_dirs[family], max_batch=3)
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True)
+    ids = [eng.add_request(PROMPTS[0], params), eng.add_request(PROMPTS[1], params)]
+    for _ in range(3):
+        eng.step()
+    ids.append(eng.add_request(PROMPTS[2], params))
+    eng.step()
+    ids.append(eng.add_request(PROMPTS[3], params))  # waits for a free slot (max_batch=3)
+    eng.run_until_done()
+    for rid, prompt in zip(ids, PROMPTS):
+        assert eng.requests[rid].output_ids == hf_greedy(tiny_dirs[family], prompt, 14), rid
+
+
+def _run_with_exits(folder, strategy, thresholds):
+    eng = make_engine(folder, max_batch=4, kv_strategy=strategy, pending_window=8)
+    eng.apply(ServingConfig(exit_layers=(0, 1, 2, 3, 4), threshold=thresholds))
+    ids = [eng.add_request(p, SamplingParams(max_new_tokens=40, ignore_eos=True)) for p in PROMPTS[:3]]
+    for _ in range(24):
+        eng.step()
+    exit_layers = [layer for i in ids for layer in eng.requests[i].exit_layers]
+    eng.apply(ServingConfig(exit_layers=()))  # next token goes deep: pending positions are recomputed
+    eng.step()
+    return eng, ids, exit_layers
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "opt"])
+def test_recompute_strategy_kv_equals_full_forward(tiny_dirs, family):
+    thresholds = {0: 0.07, 1: 0.06, 2: 0.05, 3: 0.05, 4: 0.04}
+    eng, ids, exit_layers = _run_with_exits(tiny_dirs[family], "recompute", thresholds)
+    assert len(set(exit_layers)) >= 2 and min(exit_layers) < 5, "the test must exercise early exits"
+    hf = load_hf(tiny_dirs[family])
+    for rid in ids:
+        req = eng.requests[rid]
+        toks = req.token_ids[:-1]
+        with torch.no_grad():
+            ref = hf(torch.tensor([toks]), use_cache=True).past_key_values
+        for layer in range(6):
+            kref, vref = ref.layers[layer].keys[0], ref.layers[layer].values[0]
+            t = kref.shape[1]  # sliding-window layers may keep only the last window
+            k = eng.pool.k[layer][req.slot][:, len(toks) - t:len(toks)]
+            v = eng.pool.v[layer][req.slot][:, len(toks) - t:len(toks)]
+            torch.testing.assert_close(k, kref, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(v, vref, rtol=1e-9, atol=1e-9)
+
+
+def test_copy_strategy_fills_every_layer_without_recompute(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=2, kv_strategy="copy")
+    eng.apply(ServingConfig(exit_layers=(1,), threshold=0.0))  # every decode token exits at layer 1
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    req = eng.requests[rid]
+    assert req.exit_layers[1:] == [1, 1, 1]  # first token comes from the prefill at full depth
+    assert (eng.pool.kv_len[req.slot] == len(req.token_ids) - 1).all()  # deeper layers filled by copy
+    assert eng.pool.hbuf is None
+
+
+def test_exits_are_counted_in_telemetry_and_breaches_only_below_full_depth(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=4, depth=4)
+    eng.apply(ServingConfig(exit_layers=(1,), threshold=1.0))  # nothing passes: all greedy exits at layer 3
+    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    snap = eng.snapshot()
+    assert snap.exit_counts[3] == 10 and sum(snap.exit_counts) == 10
+    assert snap.breaches == 10 and snap.greedy_exits == 10
+    assert snap.depth == 4 and snap.output_tokens == 10
+    assert snap.ttft_p50 > 0 and snap.requests_finished == 2
+
+
+def test_depth_change_mid_generation_keeps_requests_and_stays_exact(tiny_dirs):
+    folder = tiny_dirs["qwen2"]
+    eng = make_engine(folder, max_batch=4)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in PROMPTS[:3]]
+    for _ in range(4):
+        eng.step()
+    eng.apply(ServingConfig(depth=3))
+    for _ in range(3):
+        eng.step()
+    eng.apply(ServingConfig(depth=6))
+    eng.run_until_done()
+    for rid, prompt in zip(ids, PROMPTS):
+        req = eng.requests[rid]
+        assert req.finished and req.num_generated == 12
+        # the tokens produced at full depth before and after the shallow phase match a fresh run
+        # continued from the same prefix
+        assert req.exit_layers[:4] == [5] * 4 and req.exit_layers[4:7] == [2] * 3
+        tail = hf_greedy(folder, prompt + req.output_ids[:7], 5)
+        assert req.output_ids[7:] == tail
+
+
+def test_memory_budget_sets_the_batch_and_half_depth_admits_more(tiny_dirs):
+    folder = tiny_dirs["llama"]
+    eng = make_engine(folder, max_batch=64, max_model_len=64)
+    model = eng.model
+    per_slot_full = 6 * 64 * model.kv_bytes_per_token_layer() + 32 * model.hidden_size * 8
+    budget = model.weight_bytes_at_depth(6) + 5 * per_slot_full + 100
+    eng2 = make_engine(folder, max_batch=64, max_model_len=64, memory_budget_bytes=budget)
+    assert eng2.max_batch == 5
+    assert eng2.admissible_batch(3) > eng2.max_batch
+    eng2.apply(ServingConfig(depth=3))
+    assert eng2.max_batch == eng2.admissible_batch(3) > 5
+    assert eng2.resident_bytes() <= budget
+
+
+def test_budget_below_one_layer_is_rejected(tiny_dirs):
+    with pytest.raises(ValueError, match="memory budget"):
+        make_engine(tiny_dirs["llama"], memory_budget_bytes=1000)
+
+
+def test_batch_shrink_preempts_and_loses_nothing(tiny_dirs):
+    folder = tiny_dirs["llama"]
+    eng = make_engine(folder, max_batch=4)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in PROMPTS]
+    for _ in range(3):
+        eng.step()
+    eng.apply(ServingConfig(max_batch=1))
+    assert len(eng.running) == 1 and len(eng.waiting) == 3
+    eng.run_until_done()
+    for rid, prompt in zip(ids, PROMPTS):
+        assert eng.requests[rid].output_ids == hf_greedy(folder, prompt, 10)
+
+
+def test_model_switch_continues_requests_from_their_text(tiny_text_dirs):
+    dirs = tiny_text_dirs
+
+    def loader(name, depth):
+        return LayeredModel(dirs[name], depth=depth, device="cpu", dtype=torch.float64, name=name)
+
+    eng = Engine(loader("tiny-a", None), EngineSettings(max_batch=4, max_model_len=128), loader=loader)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    ids = [eng.add_request("w5 w6 w7 w8", params), eng.add_request("w20 w21", params)]
+    for _ in range(4):
+        eng.step()
+    tok_a = eng.model.tokenizer
+    before = {rid: tok_a.decode(eng.requests[rid].output_ids, skip_special_tokens=True) for rid in ids}
+    eng.apply(ServingConfig(model="tiny-b"))
+    assert eng.model.name == "tiny-b" and eng.model.num_layers == 4
+    eng.run_until_done()
+    for rid in ids:
+        req = eng.requests[rid]
+        assert req.finished and req.num_generated == 10
+        assert req.models == ["tiny-a"] * 4 + ["tiny-b"] * 6
+        assert req.output_text.startswith(before[rid])
+        # tiny-b gives the same words other ids: its prompt was re-tokenised from the text so far
+        assert req.token_ids[:len(req.token_ids) - 6] == eng.model.tokenizer(
+            req.prompt_text + before[rid])["input_ids"]
+    snap = eng.snapshot()
+    assert snap.switches == 1 and snap.model == "tiny-b"
+
+
+def test_unknown_model_switch_keeps_serving(tiny_text_dirs):
+    def loader(name, depth):
+        if name not in tiny_text_dirs:
+            raise ValueError(f"unknown model {name!r}")
+        return LayeredModel(tiny_text_dirs[name], depth=depth, device="cpu", dtype=torch.float64, name=name)
+
+    eng = Engine(loader("tiny-a", None), EngineSettings(max_batch=2, max_model_len=64), loader=loader)
+    rid = eng.add_request("w5 w6", SamplingParams(max_new_tokens=4, ignore_eos=True))
+    eng.step()
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        eng.apply(ServingConfig(model="nope"))
+    with pytest.raises(ValueError, match="depth must be between 1 and 6"):
+        eng.apply(ServingConfig(depth=9))
+    eng.run_until_done()
+    assert eng.requests[rid].num_generated == 4 and eng.model.name == "tiny-a"
+
+
+def test_stop_strings_and_eos(tiny_text_dirs):
+    model = LayeredModel(tiny_text_dirs["tiny-a"], device="cpu", dtype=torch.float64)
+    eng = Engine(model, EngineSettings(max_batch=2, max_model_len=64))
+    (free,) = eng.generate(["w5 w6 w7"], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    stop_word = free.output_text.split()[2]
+    (cut,) = eng.generate(["w5 w6 w7"], SamplingParams(max_new_tokens=8, ignore_eos=True, stop=(stop_word,)))
+    assert cut.finish_reason == "stop"
+    assert cut.output_text == free.output_text[:free.output_text.find(stop_word)]
+    assert cut.num_generated < 8
+
+
+
+def test_eos_stops_unless_ignored(tiny_text_dirs, tmp_path):
+    import json
+    import shutil
+
+    src = tiny_text_dirs["tiny-a"]
+    eng = Engine(LayeredModel(src, device="cpu", dtype=torch.float64), EngineSettings(max_batch=1, max_model_len=64))
+    (free,) = eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    target = free.output_ids[2]
+    folder = shutil.copytree(src, tmp_path / "m")
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((folder / name).read_text())
+        cfg["eos_token_id"] = target
+        (folder / name).write_text(json.dumps(cfg))
+    eng2 = Engine(LayeredModel(folder, device="cpu", dtype=torch.float64), EngineSettings(max_batch=1, max_model_len=64))
+    (stopped,) = eng2.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6))
+    assert stopped.finish_reason == "stop"
+    assert stopped.output_ids == free.output_ids[:free.output_ids.index(target) + 1]
+    (ignored,) = eng2.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert ignored.output_ids == free.output_ids
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(stop=("",)), "stop"),
+])
+def test_invalid_sampling_values_are_clear_errors(tiny_dirs, bad, match):
+    eng = make_engine(tiny_dirs["llama"], max_batch=2)
+    ok = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    with pytest.raises(RequestError, match=match):
+        eng.add_request(PROMPTS[1], SamplingParams(**bad))
+    eng.run_until_done()
+    assert eng.requests[ok].num_generated == 3  # the engine kept serving
+
+
+def test_empty_and_too_long_prompts_are_rejected(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=2, max_model_len=16)
+    with pytest.raises(RequestError, match="empty"):
+        eng.add_request([])
+    with pytest.raises(RequestError, match="max_model_len"):
+        eng.add_request(list(range(3, 20)))
+    with pytest.raises(RequestError, match="token ids"):
+        eng.add_request([5, 999])
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=4)
+    p = dict(max_new_tokens=12, ignore_eos=True, temperature=1.0, top_p=0.9)
+    a, b, c = eng.generate([PROMPTS[0]] * 3, [SamplingParams(seed=1, **p), SamplingParams(seed=1, **p),
+                                              SamplingParams(seed=2, **p)])
+    assert a.output_ids == b.output_ids
+    assert a.output_ids != c.output_ids
+
+
+def test_generation_stops_at_context_end(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=1, max_model_len=12)
+    (req,) = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert req.finish_reason == "length" and req.seq_len == 12
+
+
+def test_pending_window_bounds_recompute_backlog(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=1, pending_window=4)
+    eng.apply(ServingConfig(exit_layers=(0,), threshold=0.0))  # would always exit at layer 0
+    (req,) = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=13, ignore_eos=True))
+    layers = np.array(req.exit_layers[1:])
+    assert (layers == 5).any(), "a full window forces a token to the last layer"
+    deep = np.nonzero(layers == 5)[0]
+    assert np.diff(deep).max(initial=0) - 1 <= 4  # at most `pending_window` early exits in a row
+    assert deep[0] <= 4

@@ -1,0 +1,86 @@
+"""LayeredModel: partial loading from safetensors, depth changes, sizes, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helios_rl.models.layered import LayeredModel
+from tiny_models import FAMILIES, load_hf
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_partial_load_keeps_deeper_layers_off_memory(tiny_dirs, family):
+    m = LayeredModel(tiny_dirs[family], depth=2, device="cpu", dtype=torch.float64)
+    assert m.depth == 2 and m.resident_layers() == [0, 1]
+    for i in range(m.num_layers):
+        params = list(m.family.layers[i].parameters())
+        assert params, "layer has parameters"
+        on_meta = all(p.device.type == "meta" for p in params)
+        assert on_meta == (i >= 2), f"layer {i} residency wrong"
+    assert m.resident_bytes() == m.weight_bytes_at_depth(2)
+    assert m.weight_bytes_at_depth(2) < m.weight_bytes_at_depth(m.num_layers)
+
+
+def test_depth_grows_and_shrinks_without_reloading_resident_layers(tiny_dirs):
+    m = LayeredModel(tiny_dirs["llama"], depth=3, device="cpu", dtype=torch.float64)
+    first = m.family.layers[0].self_attn.q_proj.weight
+    m.set_depth(5)
+    assert m.resident_layers() == [0, 1, 2, 3, 4]
+    assert m.family.layers[0].self_attn.q_proj.weight is first  # not reloaded
+    m.set_depth(1)
+    assert m.resident_layers() == [0]
+    assert m.family.layers[0].self_attn.q_proj.weight is first
+    assert all(p.device.type == "meta" for p in m.family.layers[3].parameters())
+    assert m.resident_bytes() == m.weight_bytes_at_depth(1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loaded_weights_equal_checkpoint(tiny_dirs, family):
+    m = LayeredModel(tiny_dirs[family], device="cpu", dtype=torch.float64)
+    ref = load_hf(tiny_dirs[family])
+    ours = dict(m.hf.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.equal(ours[name], p), name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 7, 2.5])
+def test_depth_out_of_range_is_a_clear_error(tiny_dirs, bad):
+    m = LayeredModel(tiny_dirs["llama"], depth=2, device="cpu", dtype=torch.float64)
+    with pytest.raises(ValueError, match="depth must be between 1 and 6"):
+        m.set_depth(bad)
+    assert m.depth == 2  # unchanged
+
+
+def test_unsupported_family_and_missing_folder(tmp_path, tiny_dirs):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LayeredModel(tmp_path)
+    cfg = json.loads((tiny_dirs["llama"] / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    cfg["architectures"] = ["BertForMaskedLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not supported"):
+        LayeredModel(tmp_path)
+
+
+def test_missing_tensor_names_the_key(tmp_path, tiny_dirs):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_dirs["llama"]
+    for f in src.iterdir():
+        if f.suffix == ".json":
+            (tmp_path / f.name).write_text(f.read_text())
+    sd = load_file(src / "model.safetensors")
+    del sd["model.layers.4.mlp.up_proj.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    m = LayeredModel(tmp_path, depth=4, device="cpu", dtype=torch.float64)  # layer 4 not needed yet
+    with pytest.raises(KeyError, match="model.layers.4.mlp.up_proj.weight"):
+        m.set_depth(6)
+
+
+def test_kv_sizes(tiny_dirs):
+    m = LayeredModel(tiny_dirs["llama"], depth=1, device="cpu", dtype=torch.float32)
+    # 2 (K and V) * 2 kv heads * head_dim 16 * 4 bytes
+    assert m.kv_bytes_per_token_layer() == 2 * 2 * 16 * 4

@@ -1,0 +1,1 @@
+"""CLI sub-commands (see helios_rl/cli.py)."""

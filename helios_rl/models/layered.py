@@ -8,6 +8,7 @@ the resident stack without touching layers that stay.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -19,6 +20,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from helios_rl.models.families import SUPPORTED_MODEL_TYPES, FamilyAdapter
 from helios_rl.models.heads import ExitHeads
 from helios_rl.utils.device import parse_dtype, resolve_device
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Hand freed memory back to the OS/driver, so a smaller depth really shrinks the process.
+
+    glibc keeps freed heap memory for reuse (``malloc_trim`` returns it); CUDA's caching allocator
+    keeps freed blocks (``empty_cache`` returns them).
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 class CheckpointReader:
@@ -49,6 +65,10 @@ class CheckpointReader:
         if f not in self._handles:
             self._handles[f] = safe_open(f, framework="pt")
         return self._handles[f].get_tensor(key)
+
+    def close(self) -> None:
+        """Drop the memory maps, so pages read while loading stop counting as resident."""
+        self._handles.clear()
 
     def nbytes(self, key: str, dtype: torch.dtype) -> int:
         """Size the tensor will have once cast to ``dtype`` (read from the header, no data)."""
@@ -171,7 +191,7 @@ class LayeredModel:
             if key not in self.ckpt:
                 raise KeyError(f"{self.path}: checkpoint lacks tensor {key!r}")
             t = self.ckpt.get(key)
-            sd[name] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+            sd[name] = self._owned(t)
         module.load_state_dict(sd, assign=True, strict=True)
         self._init_buffers(module)
         module.requires_grad_(False)
@@ -197,6 +217,14 @@ class LayeredModel:
             finally:
                 sub._parameters.update(saved)
 
+    def _owned(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy in this model's device/dtype that owns its memory.
+
+        safetensors hands out tensors backed by the file's memory map, paged in lazily; copying
+        makes resident memory what the model reports, and freeing a layer returns it.
+        """
+        return t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype, copy=True)
+
     def _materialise_non_layers(self) -> None:
         """Load embeddings, final norm, LM head (and rotary tables); tie the head when the checkpoint does."""
         layers = self.family.layers
@@ -215,7 +243,7 @@ class LayeredModel:
                 if key not in self.ckpt:
                     raise KeyError(f"{self.path}: checkpoint lacks tensor {key!r}")
                 t = self.ckpt.get(key)
-                sd[key] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+                sd[key] = self._owned(t)
             if head_missing:
                 src = tied.get(head_key) if isinstance(tied, dict) else None
                 sd[head_key] = sd[src or "model.embed_tokens.weight"]
@@ -225,26 +253,35 @@ class LayeredModel:
             self._init_buffers(self.hf)
         finally:
             self.family.base.layers = layers
+            self.ckpt.close()
         self._non_layer_bytes = self.resident_bytes()
 
     def set_depth(self, depth: int) -> None:
         """Make exactly layers ``0..depth-1`` resident; others are freed (back to meta)."""
         if not isinstance(depth, int) or depth < 1 or depth > self.num_layers:
             raise ValueError(f"{self.name}: depth must be between 1 and {self.num_layers}, got {depth!r}")
+        freed = False
         for i in sorted(self._resident):
             if i >= depth:
                 self.family.layers[i].to("meta")
                 self._resident.discard(i)
-        for i in range(depth):
-            if i not in self._resident:
-                self._load_module(self.family.layers[i], self.family.layer_prefix(i))
-                self._resident.add(i)
+                freed = True
+        if freed:
+            release_freed_memory(self.device)
+        try:
+            for i in range(depth):
+                if i not in self._resident:
+                    self._load_module(self.family.layers[i], self.family.layer_prefix(i))
+                    self._resident.add(i)
+        finally:
+            self.ckpt.close()
 
     def unload(self) -> None:
         """Free every layer and the non-layer weights; the object is unusable afterwards."""
         self.hf.to("meta")
         self._resident.clear()
         self.heads.adapters.clear()
+        release_freed_memory(self.device)
 
     # ----- text --------------------------------------------------------------------------------
     @property

@@ -12,6 +12,8 @@ import sys
 COMMAND_MODULES = (
     "helios_rl.commands.models",
     "helios_rl.commands.generate",
+    "helios_rl.commands.demo",
+    "helios_rl.commands.evaluate",
 )
 
 

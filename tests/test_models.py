@@ -26,20 +26,20 @@ def test_partial_load_keeps_deeper_layers_off_memory(tiny_dirs, family):
 
 def test_depth_grows_and_shrinks_without_reloading_resident_layers(tiny_dirs):
     m = LayeredModel(tiny_dirs["llama"], depth=3, device="cpu", dtype=torch.float64)
-    first = m.family.layers[0].self_attn.q_proj.weight
+    first = m.family.layers[0]
     m.set_depth(5)
     assert m.resident_layers() == [0, 1, 2, 3, 4]
-    assert m.family.layers[0].self_attn.q_proj.weight is first  # not reloaded
+    assert m.family.layers[0] is first  # not reloaded
     m.set_depth(1)
     assert m.resident_layers() == [0]
-    assert m.family.layers[0].self_attn.q_proj.weight is first
+    assert m.family.layers[0] is first
     assert all(p.device.type == "meta" for p in m.family.layers[3].parameters())
     assert m.resident_bytes() == m.weight_bytes_at_depth(1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loaded_weights_equal_checkpoint(tiny_dirs, family):
-    m = LayeredModel(tiny_dirs[family], device="cpu", dtype=torch.float64)
+    m = LayeredModel(tiny_dirs[family], device="cpu", dtype=torch.float64, fuse=False)
     ref = load_hf(tiny_dirs[family])
     ours = dict(m.hf.named_parameters())
     for name, p in ref.named_parameters():
@@ -84,3 +84,18 @@ def test_kv_sizes(tiny_dirs):
     m = LayeredModel(tiny_dirs["llama"], depth=1, device="cpu", dtype=torch.float32)
     # 2 (K and V) * 2 kv heads * head_dim 16 * 4 bytes
     assert m.kv_bytes_per_token_layer() == 2 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_projections_keep_the_layer_output(tiny_dirs, family):
+    plain = LayeredModel(tiny_dirs[family], device="cpu", dtype=torch.float64, fuse=False)
+    fused = LayeredModel(tiny_dirs[family], device="cpu", dtype=torch.float64, fuse=True)
+    assert fused.resident_bytes() == plain.resident_bytes()  # fused weights replace, not add
+    h = torch.randn(2, 3, plain.hidden_size, dtype=torch.float64)
+    pos = torch.arange(3).expand(2, 3)
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool).tril()
+    outs = []
+    for m in (plain, fused):
+        tables = m.family.position_tables(h, pos)
+        outs.append(m.family.run_layer(1, h, mask, None, tables, pos))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)

@@ -8,6 +8,7 @@ the resident stack without touching layers that stay.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from helios_rl.models.fusion import fuse_layer
 from helios_rl.models.families import SUPPORTED_MODEL_TYPES, FamilyAdapter
 from helios_rl.models.heads import ExitHeads
 from helios_rl.utils.device import parse_dtype, resolve_device
@@ -90,10 +92,11 @@ class LayeredModel:
         depth: number of layers to load (1..num_layers); ``None`` loads all.
         device, dtype: where and in which precision weights live (``auto``: CUDA+bf16 or CPU+fp32).
         name: display name (defaults to the folder name).
+        fuse: merge q/k/v and gate/up projections of loaded layers into single matmuls.
     """
 
     def __init__(self, path: str | Path, depth: int | None = None, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, name: str | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, name: str | None = None, fuse: bool = True) -> None:
         self.path = Path(path)
         if not (self.path / "config.json").exists():
             raise FileNotFoundError(f"{self.path}: not a model folder (no config.json)")
@@ -110,6 +113,9 @@ class LayeredModel:
         self.hf.eval()
         self.hf.requires_grad_(False)
         self.family = FamilyAdapter.for_model(self.hf)
+        self.fuse = fuse
+        # pristine meta copies: checkpoint names and sizes, and what a freed layer returns to
+        self._meta_layers = [copy.deepcopy(layer) for layer in self.family.layers]
         self.ckpt = CheckpointReader(self.path)
         self._tokenizer = None
         self.heads = ExitHeads(self.family.final_norm, self.family.lm_head)
@@ -156,8 +162,7 @@ class LayeredModel:
     def layer_bytes(self, i: int) -> int:
         """Bytes layer ``i`` occupies once loaded (from checkpoint headers; nothing is read)."""
         prefix = self.family.layer_prefix(i)
-        layer = self.family.layers[i]
-        return sum(self.ckpt.nbytes(prefix + n, self.dtype) for n, _ in layer.named_parameters())
+        return sum(self.ckpt.nbytes(prefix + n, self.dtype) for n, _ in self._meta_layers[i].named_parameters())
 
     def weight_bytes_at_depth(self, depth: int) -> int:
         """Predicted resident weight bytes when loaded to ``depth`` layers."""
@@ -263,7 +268,7 @@ class LayeredModel:
         freed = False
         for i in sorted(self._resident):
             if i >= depth:
-                self.family.layers[i].to("meta")
+                self.family.layers[i] = copy.deepcopy(self._meta_layers[i])
                 self._resident.discard(i)
                 freed = True
         if freed:
@@ -272,6 +277,8 @@ class LayeredModel:
             for i in range(depth):
                 if i not in self._resident:
                     self._load_module(self.family.layers[i], self.family.layer_prefix(i))
+                    if self.fuse:
+                        fuse_layer(self.family.layers[i])
                     self._resident.add(i)
         finally:
             self.ckpt.close()

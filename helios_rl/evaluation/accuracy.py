@@ -1,0 +1,143 @@
+"""Accuracy of served output against the full-depth model, teacher-forced.
+
+For every output token, the model that produced it is run at full depth on exactly the context the
+engine had (prompt + output so far, re-tokenised after a switch to a model with another tokenizer,
+as the engine does). Two numbers per token:
+
+* **agreement**: does the full model's greedy choice at that position equal the served token?
+  (1.0 for full-depth greedy serving; early exits and partial loads lower it.)
+* **NLL** of the served token under the full model (perplexity = exp(mean NLL)).
+
+The pass uses the same family functions and heads as the engine (``final_logits``), so a full-depth
+greedy run scores exactly 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from helios_rl.models.layered import LayeredModel
+
+
+@dataclass
+class Segment:
+    """Consecutive output tokens of one request produced by one model."""
+
+    model: str
+    ids: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+
+
+def causal_mask(t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    q = torch.arange(t, device=device)[:, None]
+    k = torch.arange(t, device=device)[None, :]
+    m = k <= q
+    if window is not None:
+        m &= k > q - window
+    return m[None, None]
+
+
+@torch.inference_mode()
+def run_layers(model: LayeredModel, ids: list[int], keep: set[int] = frozenset()) -> tuple[dict[int, torch.Tensor],
+                                                                                              torch.Tensor]:
+    """Teacher-forced pass over ``ids`` through every loaded layer: hidden states ``[T, H]`` after the
+    layers in ``keep``, and after the last loaded layer."""
+    fam, dev = model.family, model.device
+    x = torch.as_tensor([ids], device=dev)
+    pos = torch.arange(len(ids), device=dev)[None]
+    h = fam.embed(x, pos)
+    tables = fam.position_tables(h, pos)
+    masks: dict[int | None, torch.Tensor] = {}
+    kept = {}
+    for i in range(model.depth):
+        win = fam.sliding_window(i)
+        if win not in masks:
+            masks[win] = causal_mask(len(ids), win, dev)
+        h = fam.run_layer(i, h, masks[win], None, tables, pos)
+        if i in keep:
+            kept[i] = h[0]
+    return kept, h[0]
+
+
+@torch.inference_mode()
+def score_continuation(model: LayeredModel, context: list[int], targets: list[int]) -> tuple[int, float]:
+    """(tokens where full-depth greedy == target, summed NLL of the targets) given ``context``."""
+    if not targets:
+        return 0, 0.0
+    if model.depth != model.num_layers:
+        raise ValueError(f"{model.name}: accuracy needs the full model (depth {model.depth}/{model.num_layers})")
+    ids = list(context) + list(targets)
+    _, h = run_layers(model, ids[:-1])
+    start = len(context) - 1
+    logits = model.heads.final_logits(h[start:]).float()
+    tgt = torch.as_tensor(targets, device=logits.device)
+    agree = int((logits.argmax(-1) == tgt).sum())
+    nll = float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+    return agree, nll
+
+
+class AccuracyScorer:
+    """Scores requests' segments with full models (loaded once each, results cached by token ids)."""
+
+    def __init__(self, loader, max_model_len: int) -> None:
+        self.loader = loader
+        self.max_len = max_model_len
+        self.models: dict[str, LayeredModel] = {}
+        self.cache: dict[tuple, tuple[int, float]] = {}
+        self._vocab: dict[str, dict] = {}
+
+    def model(self, name: str) -> LayeredModel:
+        if name not in self.models:
+            self.models[name] = self.loader(name, None)
+        return self.models[name]
+
+    def _same_tokenizer(self, a: str, b: str) -> bool:
+        if a == b:
+            return True
+        ta, tb = self.model(a).tokenizer, self.model(b).tokenizer
+        if ta is None or tb is None:
+            return ta is None and tb is None and self.model(a).vocab_size == self.model(b).vocab_size
+        for n, t in ((a, ta), (b, tb)):
+            if n not in self._vocab:
+                self._vocab[n] = t.get_vocab()
+        return self._vocab[a] == self._vocab[b]
+
+    def score_request(self, prompt: str | list[int], segments: list[Segment]) -> tuple[int, float, int]:
+        """(agreeing tokens, summed NLL, tokens) over a request's segments."""
+        agree = nll = n = 0
+        if not segments:
+            return 0, 0.0, 0
+        cur = segments[0].model
+        tok = self.model(cur).tokenizer
+        ctx = list(prompt) if not isinstance(prompt, str) else tok(prompt, add_special_tokens=True)["input_ids"]
+        text_before, since = "", []
+        for seg in segments:
+            if seg.model != cur:
+                if not self._same_tokenizer(cur, seg.model):
+                    old = self.model(cur).tokenizer
+                    text_before += old.decode(since, skip_special_tokens=True) if since else ""
+                    new = self.model(seg.model).tokenizer
+                    ctx = new(prompt + text_before, add_special_tokens=True)["input_ids"]
+                    if len(ctx) >= self.max_len:
+                        ctx = ctx[-(self.max_len - 1):]
+                    since = []
+                cur = seg.model
+            key = (cur, tuple(ctx), tuple(since), tuple(seg.ids))
+            if key not in self.cache:
+                self.cache[key] = score_continuation(self.model(cur), ctx + since, seg.ids)
+            a, l = self.cache[key]
+            agree, nll, n = agree + a, nll + l, n + len(seg.ids)
+            since = since + seg.ids
+        return agree, nll, n
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.unload()
+        self.models.clear()
+
+
+def perplexity(nll_sum: float, n: int) -> float:
+    return math.exp(nll_sum / n) if n else float("nan")

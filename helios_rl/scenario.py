@@ -1,0 +1,475 @@
+"""Scenario files: one YAML that fixes a serving experiment (models, workload, SLO, engine, controllers).
+
+The evaluation harness, the Gymnasium environment and the server read the same :class:`Scenario`.
+Validation is strict: an unknown key (with a "did you mean" hint), a wrong type or an impossible
+value raises :class:`ScenarioError` naming the file, the line (from the YAML node marks) and the
+key, e.g. ``envs/x.yaml:14: engine.memory_budget: cannot hold gemma3-270m even at depth 1 ...``.
+Checks that need model sizes (a depth beyond a model, a budget below one layer) run in
+:meth:`Scenario.check_models`, from checkpoint headers only (no weights are read).
+
+See ``envs/README.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from helios_rl.controllers.base import OBJECTIVES, SLO
+from helios_rl.controllers.params import PARAMS, ParamError, parse_params
+from helios_rl.controllers.repository import MemorySettings, ModelFacts
+from helios_rl.engine.config import KV_STRATEGIES, EngineSettings
+from helios_rl.models.heads import CONFIDENCE_MEASURES
+from helios_rl.workload.spec import ArrivalSpec, SpecError, WorkloadSpec
+
+BACKENDS = ("live", "sim")
+CLOCKS = ("virtual", "wall")
+TIMINGS = ("cpu", "wall", "modeled")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class ScenarioError(ValueError):
+    """An invalid scenario; the message names the file, line and key."""
+
+
+class _Bad(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(key, message)
+        self.key, self.message = key, message
+
+
+# ----------------------------------------------------------------------------- value converters
+def _num(lo: float | None = None, hi: float | None = None, integer: bool = False, lo_open: bool = False):
+    def conv(v: Any, key: str) -> Any:
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
+            raise _Bad(key, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise _Bad(key, f"must be {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+        if hi is not None and v > hi:
+            raise _Bad(key, f"must be <= {hi:g}, got {v!r}")
+        return int(v) if integer else float(v)
+    return conv
+
+
+def _choice(options: tuple[str, ...]):
+    def conv(v: Any, key: str) -> str:
+        if v not in options:
+            raise _Bad(key, f"must be one of {list(options)}, got {v!r}")
+        return v
+    return conv
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Bad(key, f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(key, f"expected true or false, got {v!r}")
+    return v
+
+
+def parse_bytes(v: Any, key: str = "memory_budget") -> int:
+    """``1073741824``, ``"1GiB"``, ``"900 MB"`` -> bytes (> 0)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9.]+)\s*([KMG]i?B|B)?\s*", v, re.IGNORECASE)):
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    else:
+        raise _Bad(key, f"expected bytes as an integer or a size like '1GiB' / '900MB', got {v!r}")
+    if n <= 0:
+        raise _Bad(key, f"must be > 0 bytes, got {v!r}")
+    return n
+
+
+class _Reader:
+    """Reads keys of one mapping at ``where``; ``finish`` rejects keys that were not read."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _Bad(where, f"expected a mapping, got {type(data).__name__}")
+        self.data, self.where, self.used = data, where, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, conv: Callable[[Any, str], Any], default: Any = None, required: bool = False) -> Any:
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            if required:
+                raise _Bad(self.key(name), "required")
+            return default
+        return conv(self.data[name], self.key(name))
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                hint = difflib.get_close_matches(str(name), sorted(self.used), n=1)
+                more = f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {sorted(self.used)}"
+                raise _Bad(self.key(str(name)), f"unknown key{more}")
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class EngineSection:
+    """Engine settings of the scenario (``memory_budget`` in bytes or a size string)."""
+
+    memory_budget_bytes: int | None = None
+    max_batch: int = 64
+    max_model_len: int = 512
+    kv_strategy: str = "recompute"
+    pending_window: int = 32
+    max_prefill_tokens: int = 4096
+    device: str | None = None
+    dtype: str | None = None
+    threads: int = 1
+
+    def settings(self, measure: str = "max_prob", default_threshold: float = 0.9) -> EngineSettings:
+        return EngineSettings(memory_budget_bytes=self.memory_budget_bytes, max_batch=self.max_batch,
+                              max_model_len=self.max_model_len, kv_strategy=self.kv_strategy,
+                              pending_window=self.pending_window, max_prefill_tokens=self.max_prefill_tokens,
+                              measure=measure, default_threshold=default_threshold, device=self.device,
+                              dtype=self.dtype)
+
+    def memory(self) -> MemorySettings:
+        return MemorySettings(self.memory_budget_bytes, self.max_batch, self.max_model_len, self.pending_window,
+                              self.kv_strategy == "recompute")
+
+
+@dataclass(frozen=True)
+class ExitSection:
+    """The exit rule: ``heads`` (auto / shared / folder), ``layers`` (auto or a list), ``threshold``."""
+
+    heads: str = "auto"
+    layers: str | tuple[int, ...] | dict[str, str | tuple[int, ...]] = "auto"
+    threshold: float | None = None  # None: calibrated thresholds (default_threshold where none)
+    default_threshold: float = 0.9
+    measure: str = "max_prob"
+
+    def layers_for(self, model: str) -> str | tuple[int, ...]:
+        """``auto`` or the explicit exit layers of ``model`` (``layers`` may map models to lists)."""
+        if isinstance(self.layers, dict):
+            return self.layers.get(model, "auto")
+        return self.layers
+
+
+@dataclass(frozen=True)
+class SamplingSection:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    ignore_eos: bool = True
+
+
+@dataclass(frozen=True)
+class RepositorySection:
+    """Where model profiles live and how they are measured when missing or stale."""
+
+    dir: str | None = None
+    prompts: int = 8
+    new_tokens: int = 24
+    batches: tuple[int, ...] = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class BackendSection:
+    """How the serving loop runs: ``kind`` live|sim (sim: the next issue), clock, timing, interval."""
+
+    kind: str = "live"
+    clock: str = "virtual"
+    timing: str = "cpu"
+    interval_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    controllers: tuple[str, ...] = ("static", "helios", "random")
+    seeds: int = 1
+    accuracy: bool = True
+    cpu_watts_per_core: float = 15.0
+    max_steps: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario (see module docstring)."""
+
+    name: str
+    models: tuple[str, ...]
+    workload: WorkloadSpec
+    seed: int = 0
+    slo: SLO = SLO()
+    engine: EngineSection = EngineSection()
+    exits: ExitSection = ExitSection()
+    sampling: SamplingSection = SamplingSection()
+    repository: RepositorySection = RepositorySection()
+    backend: BackendSection = BackendSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    controllers: dict[str, Any] = field(default_factory=dict)  # name -> params dataclass
+    path: str = "<dict>"
+    lines: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
+
+    # ----- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Scenario":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            root = yaml.compose(text)
+        except (OSError, yaml.YAMLError) as exc:
+            raise ScenarioError(f"{path}: cannot read scenario: {exc}") from None
+        lines: dict[tuple, int] = {}
+        try:
+            _walk(root, (), lines)
+        except _Bad as bad:
+            raise ScenarioError(f"{path}:{lines.get(_path(bad.key), 1)}: {bad.key}: {bad.message}") from None
+        data = yaml.safe_load(text)
+        return cls.from_dict(data, source=str(path), lines=lines)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>", lines: dict[tuple, int] | None = None) -> "Scenario":
+        lines = lines or {}
+        try:
+            return _build(cls, data, source, lines)
+        except _Bad as bad:
+            raise ScenarioError(_where(source, lines, bad.key, bad.message)) from None
+
+    def error(self, key: str, message: str) -> ScenarioError:
+        """A :class:`ScenarioError` for ``key`` of this scenario, with file and line."""
+        return ScenarioError(_where(self.path, self.lines, key, message))
+
+    # ----- model-dependent checks ---------------------------------------------------------------
+    def check_models(self, facts: dict[str, ModelFacts]) -> list[str]:
+        """Impossible values given the models' sizes: depths beyond a model, a budget below one layer.
+
+        A candidate that alone does not fit is legal (controllers must then avoid it) and comes back
+        as a warning; a budget that fits no candidate at all, or not the static baseline, is an error.
+        """
+        mem = self.engine.memory()
+        unfit = {}
+        for name in self.models:
+            prof = facts[name].as_profile()
+            if prof.admissible_batch(1, mem) < 1:
+                unfit[name] = (prof.weight_bytes(1), prof.slot_bytes(1, mem))
+        if len(unfit) == len(self.models):
+            name, (w, kv) = min(unfit.items(), key=lambda kv_: sum(kv_[1]))
+            raise self.error("engine.memory_budget", f"{mem.budget_bytes} bytes cannot hold any candidate even at "
+                             f"depth 1 with one request (smallest: {name} needs {w + kv} bytes: weights {w} "
+                             f"+ KV {kv})")
+        warnings = [f"{name} does not fit the memory budget at any depth (needs {w + kv} bytes at depth 1); "
+                    f"controllers will not use it" for name, (w, kv) in unfit.items()]
+        layers = {m: facts[m].num_layers for m in self.models}
+        for m, n in layers.items():
+            chosen = self.exits.layers_for(m)
+            if chosen == "auto":
+                continue
+            where = f"exits.layers.{m}" if isinstance(self.exits.layers, dict) else "exits.layers"
+            for i, layer in enumerate(chosen):
+                if layer >= n - 1:
+                    raise self.error(f"{where}[{i}]", f"layer {layer} is not an exit layer of {m} "
+                                     f"(it has {n} layers: exits are 0..{n - 2})")
+        st = self.controllers.get("static")
+        if st is not None and st.depth is not None:
+            model = st.model or self.models[0]
+            if st.depth > layers[model]:
+                raise self.error("controllers.static.depth", f"{st.depth} is beyond {model}'s {layers[model]} layers")
+        if "static" in self.evaluation.controllers:
+            model = (st.model if st is not None else None) or self.models[0]
+            depth = (st.depth if st is not None else None) or layers[model]
+            if facts[model].as_profile().admissible_batch(depth, mem) < 1:
+                raise self.error("engine.memory_budget", f"the static baseline cannot hold {model} at depth {depth} "
+                                 f"with one request in {mem.budget_bytes} bytes")
+        bs = self.controllers.get("best-static")
+        if bs is not None and bs.depths != "auto":
+            for i, d in enumerate(bs.depths):
+                if d > max(layers.values()):
+                    raise self.error(f"controllers.best-static.depths[{i}]",
+                                     f"{d} is beyond every candidate (most layers: {max(layers.values())})")
+        hp = self.controllers.get("helios")
+        if hp is not None and hp.min_depth > min(layers.values()):
+            raise self.error("controllers.helios.min_depth", f"{hp.min_depth} is beyond the smallest candidate's "
+                             f"{min(layers.values())} layers")
+        return warnings
+
+    # ----- variants ---------------------------------------------------------------------------------
+    def params(self, controller: str) -> Any:
+        """Params dataclass for ``controller`` (scenario values over defaults)."""
+        return self.controllers.get(controller) or parse_params(controller, None)
+
+    def with_seed(self, offset: int) -> "Scenario":
+        """The same scenario with seed and workload seed advanced by ``offset`` (for multi-seed runs)."""
+        return replace(self, seed=self.seed + offset, workload=replace(self.workload, seed=self.workload.seed + offset))
+
+    def with_trace(self, path: str) -> "Scenario":
+        """The same scenario with arrivals replayed from an Azure-format trace at ``path``."""
+        arrival = ArrivalSpec(kind="trace", path=str(path))
+        return replace(self, workload=replace(self.workload, arrival=arrival, prompt_tokens=None))
+
+
+# ----------------------------------------------------------------------------- building
+def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
+    r = _Reader(data, "")
+    name = r.get("name", _str, Path(source).stem if source != "<dict>" else "scenario")
+    seed = r.get("seed", _num(0, integer=True), 0)
+    models = r.get("models", _models, required=True)
+    try:
+        workload = WorkloadSpec.from_dict(r.get("workload", lambda v, k: v, required=True))
+    except SpecError as exc:
+        key, _, msg = str(exc).partition(": ")
+        raise _Bad(f"workload.{key}" if msg else "workload", msg or str(exc)) from None
+    s = _Reader(r.get("slo", lambda v, k: v, {}), "slo")
+    slo = SLO(ttft_s=s.get("ttft_s", _num(0, lo_open=True), SLO.ttft_s),
+              tpot_s=s.get("tpot_s", _num(0, lo_open=True), SLO.tpot_s),
+              agreement_floor=s.get("agreement_floor", _num(0, 1), SLO.agreement_floor),
+              objective=s.get("objective", _choice(OBJECTIVES), SLO.objective))
+    s.finish()
+    e = _Reader(r.get("engine", lambda v, k: v, {}), "engine")
+    d = EngineSection()
+    engine = EngineSection(
+        memory_budget_bytes=e.get("memory_budget", parse_bytes, None),
+        max_batch=e.get("max_batch", _num(1, integer=True), d.max_batch),
+        max_model_len=e.get("max_model_len", _num(2, integer=True), d.max_model_len),
+        kv_strategy=e.get("kv_strategy", _choice(KV_STRATEGIES), d.kv_strategy),
+        pending_window=e.get("pending_window", _num(2, integer=True), d.pending_window),
+        max_prefill_tokens=e.get("max_prefill_tokens", _num(1, integer=True), d.max_prefill_tokens),
+        device=e.get("device", _str, None), dtype=e.get("dtype", _choice(DTYPES), None),
+        threads=e.get("threads", _num(1, integer=True), d.threads))
+    e.finish()
+    x = _Reader(r.get("exits", lambda v, k: v, {}), "exits")
+    exits = ExitSection(heads=x.get("heads", _str, "auto"), layers=x.get("layers", _layers, "auto"),
+                        threshold=x.get("threshold", _threshold, None),
+                        default_threshold=x.get("default_threshold", _num(0, 1), 0.9),
+                        measure=x.get("measure", _choice(CONFIDENCE_MEASURES), "max_prob"))
+    x.finish()
+    sp = _Reader(r.get("sampling", lambda v, k: v, {}), "sampling")
+    sampling = SamplingSection(temperature=sp.get("temperature", _num(0), 0.0), top_p=sp.get("top_p", _num(0, 1, lo_open=True), 1.0),
+                               ignore_eos=sp.get("ignore_eos", _bool, True))
+    sp.finish()
+    rp = _Reader(r.get("repository", lambda v, k: v, {}), "repository")
+    repo = RepositorySection(dir=rp.get("dir", _str, None), prompts=rp.get("prompts", _num(1, integer=True), 8),
+                             new_tokens=rp.get("new_tokens", _num(2, integer=True), 24),
+                             batches=rp.get("batches", _int_list, (1, 8, 32)))
+    rp.finish()
+    b = _Reader(r.get("backend", lambda v, k: v, {}), "backend")
+    backend = BackendSection(kind=b.get("kind", _choice(BACKENDS), "live"), clock=b.get("clock", _choice(CLOCKS), "virtual"),
+                             timing=b.get("timing", _choice(TIMINGS), "cpu"),
+                             interval_s=b.get("interval_s", _num(0, lo_open=True), 0.25))
+    b.finish()
+    c = _Reader(r.get("controllers", lambda v, k: v, {}), "controllers")
+    controllers = {}
+    for cname in list(c.data):
+        try:
+            controllers[cname] = c.get(cname, lambda v, k, n=cname: parse_params(n, v, k), None) or parse_params(cname, None)
+        except ParamError as exc:
+            raise _Bad(exc.key, exc.message) from None
+    c.finish()
+    v = _Reader(r.get("evaluation", lambda v, k: v, {}), "evaluation")
+    ev = EvaluationSection(controllers=v.get("controllers", _controller_names, EvaluationSection.controllers),
+                           seeds=v.get("seeds", _num(1, integer=True), 1), accuracy=v.get("accuracy", _bool, True),
+                           cpu_watts_per_core=v.get("cpu_watts_per_core", _num(0, lo_open=True), 15.0),
+                           max_steps=v.get("max_steps", _num(1, integer=True), 1_000_000))
+    v.finish()
+    r.finish()
+    for key, p in controllers.items():
+        for mkey in ("model",):
+            m = getattr(p, mkey, None)
+            if m is not None and m not in models:
+                raise _Bad(f"controllers.{key}.{mkey}", f"{m!r} is not one of the scenario's models {list(models)}")
+        for i, m in enumerate(getattr(p, "models", None) or ()):
+            if m not in models:
+                raise _Bad(f"controllers.{key}.models[{i}]", f"{m!r} is not one of the scenario's models {list(models)}")
+    if isinstance(exits.layers, dict):
+        for m in exits.layers:
+            if m not in models:
+                raise _Bad(f"exits.layers.{m}", f"{m!r} is not one of the scenario's models {list(models)}")
+    lo, hi = workload.new_tokens_range()
+    if workload.max_prompt_tokens is not None and workload.max_prompt_tokens + hi >= engine.max_model_len:
+        raise _Bad("engine.max_model_len", f"{engine.max_model_len} tokens cannot hold a prompt of up to "
+                   f"{workload.max_prompt_tokens} tokens (workload.max_prompt_tokens) plus {hi} new tokens")
+    return cls(name=name, models=models, workload=workload, seed=seed, slo=slo, engine=engine, exits=exits,
+               sampling=sampling, repository=repo, backend=backend, evaluation=ev, controllers=controllers,
+               path=source, lines=lines)
+
+
+def _models(v: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(key, "expected a non-empty list of model references (bundled name, folder, .gguf or hub id)")
+    out = tuple(_str(m, f"{key}[{i}]") for i, m in enumerate(v))
+    for i, m in enumerate(out):
+        if m in out[:i]:
+            raise _Bad(f"{key}[{i}]", f"duplicate model {m!r}")
+    return out
+
+
+def _layers(v: Any, key: str) -> str | tuple[int, ...] | dict:
+    if v == "auto":
+        return "auto"
+    if isinstance(v, dict):
+        return {str(m): _layers(x, f"{key}.{m}") for m, x in v.items()}
+    if not isinstance(v, list):
+        raise _Bad(key, f"expected 'auto', a list of layer indices, or {{model: 'auto' or list}}, got {v!r}")
+    return tuple(_num(0, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+
+def _threshold(v: Any, key: str) -> float | None:
+    return None if v == "calibrated" else _num(0, 1)(v, key)
+
+
+def _int_list(v: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or not v:
+        raise _Bad(key, f"expected a non-empty list of integers, got {v!r}")
+    return tuple(_num(1, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+
+def _controller_names(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, list) or not v:
+        raise _Bad(key, f"expected a list of controller names from {sorted(PARAMS)}")
+    for i, name in enumerate(v):
+        _choice(tuple(PARAMS))(name, f"{key}[{i}]")
+    return tuple(v)
+
+
+# ----------------------------------------------------------------------------- line numbers
+def _walk(node: Any, path: tuple, lines: dict[tuple, int]) -> None:
+    """Record the line of every key and item; reject duplicate keys (YAML would keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            key = path + (k.value,)
+            lines[key] = k.start_mark.line + 1
+            if k.value in seen:
+                raise _Bad(".".join(map(str, key)), "duplicate key")
+            seen.add(k.value)
+            _walk(v, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk(item, path + (i,), lines)
+
+
+def _path(key: str) -> tuple:
+    out: list = []
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        out.append(int(part[1:-1]) if part.startswith("[") else part)
+    return tuple(out)
+
+
+def _where(source: str, lines: dict[tuple, int], key: str, message: str) -> str:
+    path = _path(key)
+    while path and path not in lines:
+        path = path[:-1]
+    line = lines.get(path)
+    return f"{source}:{line}: {key}: {message}" if line else f"{source}: {key}: {message}"

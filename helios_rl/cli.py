@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "helios_rl.commands.generate",
     "helios_rl.commands.demo",
     "helios_rl.commands.evaluate",
+    "helios_rl.commands.serve",
 )
 
 

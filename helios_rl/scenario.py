@@ -150,13 +150,20 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class ExitSection:
-    """The exit rule: ``heads`` (auto / shared / folder), ``layers`` (auto or a list), ``threshold``."""
+    """The exit rule: ``heads`` (auto / shared / folder), ``layers`` (auto or a list), ``threshold``.
 
-    heads: str = "auto"
+    ``heads`` and ``layers`` may also map model references to such values (others: ``auto``).
+    """
+
+    heads: str | dict[str, str] = "auto"
     layers: str | tuple[int, ...] | dict[str, str | tuple[int, ...]] = "auto"
     threshold: float | None = None  # None: calibrated thresholds (default_threshold where none)
     default_threshold: float = 0.9
     measure: str = "max_prob"
+
+    def heads_for(self, model: str) -> str:
+        """``auto``, ``shared`` or a heads folder for ``model`` (``heads`` may map models to these)."""
+        return self.heads.get(model, "auto") if isinstance(self.heads, dict) else self.heads
 
     def layers_for(self, model: str) -> str | tuple[int, ...]:
         """``auto`` or the explicit exit layers of ``model`` (``layers`` may map models to lists)."""
@@ -347,7 +354,7 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
         threads=e.get("threads", _num(1, integer=True), d.threads))
     e.finish()
     x = _Reader(r.get("exits", lambda v, k: v, {}), "exits")
-    exits = ExitSection(heads=x.get("heads", _str, "auto"), layers=x.get("layers", _layers, "auto"),
+    exits = ExitSection(heads=x.get("heads", _heads, "auto"), layers=x.get("layers", _layers, "auto"),
                         threshold=x.get("threshold", _threshold, None),
                         default_threshold=x.get("default_threshold", _num(0, 1), 0.9),
                         measure=x.get("measure", _choice(CONFIDENCE_MEASURES), "max_prob"))
@@ -389,10 +396,10 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
         for i, m in enumerate(getattr(p, "models", None) or ()):
             if m not in models:
                 raise _Bad(f"controllers.{key}.models[{i}]", f"{m!r} is not one of the scenario's models {list(models)}")
-    if isinstance(exits.layers, dict):
-        for m in exits.layers:
+    for section in ("layers", "heads"):
+        for m in getattr(exits, section) if isinstance(getattr(exits, section), dict) else ():
             if m not in models:
-                raise _Bad(f"exits.layers.{m}", f"{m!r} is not one of the scenario's models {list(models)}")
+                raise _Bad(f"exits.{section}.{m}", f"{m!r} is not one of the scenario's models {list(models)}")
     lo, hi = workload.new_tokens_range()
     if workload.max_prompt_tokens is not None and workload.max_prompt_tokens + hi >= engine.max_model_len:
         raise _Bad("engine.max_model_len", f"{engine.max_model_len} tokens cannot hold a prompt of up to "
@@ -420,6 +427,12 @@ def _layers(v: Any, key: str) -> str | tuple[int, ...] | dict:
     if not isinstance(v, list):
         raise _Bad(key, f"expected 'auto', a list of layer indices, or {{model: 'auto' or list}}, got {v!r}")
     return tuple(_num(0, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+
+def _heads(v: Any, key: str) -> str | dict[str, str]:
+    if isinstance(v, dict):
+        return {str(m): _str(x, f"{key}.{m}") for m, x in v.items()}
+    return _str(v, key)
 
 
 def _threshold(v: Any, key: str) -> float | None:

@@ -75,7 +75,9 @@ def test_helios_profiles_each_candidate_then_serves_shallow_when_exits_concentra
     assert ctrl.decide(snap("a", 12, finished=2, exit_at=1)) is None
     second = ctrl.decide(snap("a", 12, finished=3, exit_at=1))
     assert ctrl.phase == "profile:b" and second.model == "b"
-    serve = ctrl.decide(snap("b", 12, finished=5, exit_at=1))
+    # 5 requests finished on b, but b produced fewer tokens than 5 requests carry: keep profiling
+    assert ctrl.decide(snap("b", 12, finished=5, tokens=40, exit_at=1)) is None
+    serve = ctrl.decide(snap("b", 12, finished=0, tokens=60, exit_at=1))
     assert ctrl.phase == "serve"
     assert serve.model == "a"  # twice as fast per step
     assert serve.depth == 2  # 90% of tokens exit at layer 1: load layers 0..1 only
@@ -216,3 +218,12 @@ def test_repository_memory_model_matches_engine(tiny_dirs):
                 assert prof.admissible_batch(d, mem) == eng.admissible_batch(d), (extra, strategy, d)
             assert prof.admissible_batch(model.num_layers, mem) >= 1
     assert np.isclose(prof.weight_bytes(model.num_layers), model.resident_bytes())
+
+
+def test_helios_limits_the_predicted_agreement_drop():
+    a = profile("a")
+    a.agreement = {2: 0.90, 4: 0.97, 6: 0.99, 8: 0.995, 10: 1.0, 12: 1.0}
+    cfg = run_profiles(HeliosController(context(a), HeliosParams(coverage=0.85)))
+    assert cfg.depth == 6  # coverage alone says 2; 0.90 and 0.97 are more than 0.02 below full depth
+    cfg = run_profiles(HeliosController(context(a), HeliosParams(coverage=0.85, max_agreement_drop=None)))
+    assert cfg.depth == 2

@@ -13,7 +13,9 @@ Phases (kept in :attr:`HeliosController.phase`):
    phase (measured on SmolLM2: 13 s at batch 5 out of a 60 s run). Measured: step time (hence a live correction of the
    repository's speed model), tokens/s, the exit-layer histogram and mean confidence.
 3. **serve**: load the best candidate only up to the depth by which ``coverage`` of its profiled
-   tokens exit (raised if the repository predicts agreement below the SLO floor); tokens that reach
+   tokens exit (raised where the repository predicts agreement below the SLO floor, or more than
+   ``max_agreement_drop`` below full depth's: the paper's "negligible accuracy loss" made explicit);
+   tokens that reach
    that last loaded layer unconfident exit there anyway (greedy exit) and count as breaches. When
    more than ``breach_limit`` of the last ``breach_window`` tokens breach, do the cheaper, by
    measured cost, of loading more layers or switching to another profiled candidate's partial
@@ -44,9 +46,11 @@ class LiveProfile:
     steps: int = 0
     batch_sum: float = 0.0
     conf_sum: float = 0.0
+    predicted_s: float = 0.0  # what the repository's speed model predicts for the same steps
     exit_counts: list[int] = field(default_factory=list)
 
-    def add(self, s: TelemetrySnapshot) -> None:
+    def add(self, s: TelemetrySnapshot, predicted_s: float) -> None:
+        self.predicted_s += predicted_s
         self.finished += s.requests_finished
         self.tokens += s.output_tokens
         self.seconds += s.window_s
@@ -111,10 +115,14 @@ class HeliosController(Controller):
 
     # ----- offline shortlist ------------------------------------------------------------------
     def _depth_for(self, model: str, exit_counts: list[int] | None = None) -> int:
-        """Depth HELIOS loads ``model`` to: the coverage depth, raised to meet the agreement floor."""
+        """Depth HELIOS loads ``model`` to: the coverage depth, raised to meet the agreement floor and the
+        largest predicted agreement drop from full depth that the params allow."""
         prof = self.ctx.profile(model)
         d = prof.coverage_depth(self.params.coverage, exit_counts)
-        d = max(d, prof.min_depth_for_agreement(self.ctx.slo.agreement_floor), self.params.min_depth)
+        floor = self.ctx.slo.agreement_floor
+        if self.params.max_agreement_drop is not None:
+            floor = max(floor, prof.predicted_agreement(prof.num_layers) - self.params.max_agreement_drop)
+        d = max(d, prof.min_depth_for_agreement(floor), self.params.min_depth)
         options = [o for o in prof.depth_options() if o >= d] or [prof.num_layers]
         d = options[0]
         feasible = prof.max_feasible_depth(self.ctx.memory)
@@ -183,6 +191,12 @@ class HeliosController(Controller):
         deepest = prof.max_feasible_depth(self.ctx.memory, min_batch=want) or prof.max_feasible_depth(self.ctx.memory)
         return deepest
 
+    def _predicted_seconds(self, model: str, depth: int, s: TelemetrySnapshot) -> float:
+        """Busy time the repository predicts for the steps in ``s`` (decode steps plus prefill)."""
+        prof = self.ctx.profile(model)
+        decode = s.steps * prof.step_time(depth, max(s.batch_mean, 1.0))
+        return decode + s.prefill_tokens * depth * prof.prefill_s_per_token_layer
+
     def _next_profile(self) -> ServingConfig | None:
         if not self.queue:
             return self._choose()
@@ -199,12 +213,13 @@ class HeliosController(Controller):
     def _profile_step(self, s: TelemetrySnapshot) -> ServingConfig | None:
         lp = self.profiling
         if s.model == lp.model and s.depth == lp.depth and s.steps:
-            lp.add(s)
-        if lp.finished < self.params.profile_requests:
+            lp.add(s, self._predicted_seconds(lp.model, lp.depth, s))
+        # done when profile_requests requests finished *and* the candidate itself produced as many
+        # tokens as that many requests carry (requests begun on the previous model finish early)
+        per_request = self.total_tokens / self.total_finished if self.total_finished else 0.0
+        if lp.finished < self.params.profile_requests or lp.tokens < self.params.profile_requests * per_request:
             return None
-        prof = self.ctx.profile(lp.model)
-        predicted = prof.step_time(lp.depth, max(lp.batch, 1.0))
-        self.ratio[lp.model] = lp.step_s / predicted if predicted > 0 and lp.step_s > 0 else 1.0
+        self.ratio[lp.model] = lp.seconds / lp.predicted_s if lp.predicted_s > 0 and lp.seconds > 0 else 1.0
         self.live[lp.model] = lp
         self.note("profiled", model=lp.model, depth=lp.depth, tokens_per_s=round(lp.tokens_per_s, 3),
                   step_s=round(lp.step_s, 6), ratio=round(self.ratio[lp.model], 4),
@@ -239,10 +254,9 @@ class HeliosController(Controller):
         plan = self.plan
         self.served += s.requests_finished
         if s.steps and s.model == plan.model and s.depth == plan.depth and s.batch_mean > 0:
-            measured = s.window_s / s.steps  # live correction of the speed model while serving
-            predicted = self.ctx.profile(plan.model).step_time(plan.depth, s.batch_mean)
+            predicted = self._predicted_seconds(plan.model, plan.depth, s)  # live correction while serving
             old = self.ratio.get(plan.model, 1.0)
-            self.ratio[plan.model] = 0.8 * old + 0.2 * (measured / predicted)
+            self.ratio[plan.model] = 0.8 * old + 0.2 * (s.window_s / predicted)
         if self.served >= self.params.reprofile_interval:
             self.note("reprofile", served=self.served)
             return self._start_profiling(current=plan.model)

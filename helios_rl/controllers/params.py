@@ -95,6 +95,9 @@ class HeliosParams:
     horizon_requests: int | None = p(None, _opt(_num(1, integer=True)),
                                      "requests the overflow cost compares over (default: until re-profile)")
     min_depth: int = p(1, _num(1, integer=True), "never load fewer layers than this")
+    max_agreement_drop: float | None = p(0.02, _opt(_num(0.0, 1.0)),
+                                         "never load a depth whose predicted agreement (repository) is more "
+                                         "than this below full depth's (null: coverage alone decides)")
     use_offline_exits: bool = p(False, lambda v, k: _bool(v, k),
                                 "size the depth from the repository's exit distribution, not the live profile")
 

@@ -53,9 +53,9 @@ def profile_key(ref: str, scenario: Scenario) -> str:
              "device": scenario.engine.device, "dtype": scenario.engine.dtype, "threads": scenario.engine.threads,
              "timing": scenario.backend.timing, "max_model_len": scenario.engine.max_model_len}
     parts["code"] = _code_hash()
-    heads_dir = Path(scenario.exits.heads) if scenario.exits.heads not in ("auto", "shared") else folder / "exit_heads"
-    manifest = heads_dir / "manifest.json"
-    if scenario.exits.heads != "shared" and manifest.exists():
+    heads = scenario.exits.heads_for(ref)
+    manifest = (Path(heads) if heads not in ("auto", "shared") else folder / "exit_heads") / "manifest.json"
+    if heads != "shared" and manifest.exists():
         parts["heads"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -30,13 +30,17 @@ MODELED = {"c0": 1e-3, "c_tok": 2e-4, "c_depth": 1e-4, "c_row_layer": 5e-5, "c_p
 class ModelLoader:
     """``loader(name, depth)`` for :class:`~helios_rl.engine.engine.Engine`: load, attach heads, name."""
 
-    def __init__(self, device: str | None = None, dtype: str | None = None, heads: str = "auto") -> None:
+    def __init__(self, device: str | None = None, dtype: str | None = None,
+                 heads: str | dict[str, str] = "auto") -> None:
         self.device, self.dtype, self.heads = device, dtype, heads
+
+    def heads_for(self, name: str) -> str:
+        return self.heads.get(name, "auto") if isinstance(self.heads, dict) else self.heads
 
     def __call__(self, name: str, depth: int | None = None) -> LayeredModel:
         from helios_rl.models.registry import load_model
 
-        kw = {"heads": self.heads} if "heads" in inspect.signature(load_model).parameters else {}
+        kw = {"heads": self.heads_for(name)} if "heads" in inspect.signature(load_model).parameters else {}
         model = load_model(name, depth=depth, device=self.device, dtype=self.dtype, progress=False, **kw)
         model.name = name
         if not kw:
@@ -53,7 +57,7 @@ class ModelLoader:
             return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return bool(attach_heads(model, self.heads))
+            return bool(attach_heads(model, self.heads_for(model.name)))
 
 
 def exit_layers_for(model: LayeredModel, layers: str | tuple[int, ...], measure: str) -> list[int]:

@@ -300,3 +300,33 @@ def test_pending_window_bounds_recompute_backlog(tiny_dirs):
     deep = np.nonzero(layers == 5)[0]
     assert np.diff(deep).max(initial=0) - 1 <= 4  # at most `pending_window` early exits in a row
     assert deep[0] <= 4
+
+
+def test_extreme_sampling_values_stay_valid(tiny_dirs):
+    """Regressions found by the server fuzz: top_p below float32 resolution, a near-zero temperature."""
+    eng = make_engine(tiny_dirs["llama"], max_batch=2)
+    greedy, tiny_p = eng.generate([PROMPTS[0]] * 2, [SamplingParams(max_new_tokens=5, ignore_eos=True),
+                                                     SamplingParams(max_new_tokens=5, ignore_eos=True,
+                                                                    temperature=1.0, top_p=5e-324, seed=0)])
+    assert tiny_p.output_ids == greedy.output_ids  # only the top token survives the nucleus cut
+    (cold,) = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5, ignore_eos=True, temperature=1e-30, seed=0))
+    assert cold.output_ids == greedy.output_ids and cold.finish_reason == "length"
+
+
+def test_release_forgets_only_finished_requests(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=2)
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert eng.release(rid) is None and rid in eng.requests
+    eng.run_until_done()
+    assert eng.release(rid).finished and rid not in eng.requests
+
+
+def test_windowed_snapshot_counts_only_recent_steps(tiny_dirs):
+    t = [0.0]
+    eng = make_engine(tiny_dirs["llama"], max_batch=2)
+    eng.clock = lambda: t[0]
+    eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for _ in range(6):
+        eng.step()
+        t[0] += 1.0
+    assert eng.snapshot(since=3.0).steps == 3 and eng.snapshot().steps == 6

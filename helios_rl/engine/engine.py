@@ -107,6 +107,13 @@ class Engine:
         self.telemetry.record_arrival(req.arrival_time)
         return rid
 
+    def release(self, request_id: str) -> Request | None:
+        """Forget a finished request (servers call this once the client has its result)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finished:
+            return self.requests.pop(request_id)
+        return None
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -342,7 +349,13 @@ class Engine:
         now = self.clock()
         for ex in exits:
             req = rows[ex.index]
-            tok = select_token(ex.logits, req.params, req.generator)
+            try:
+                tok = select_token(ex.logits, req.params, req.generator)
+            except RuntimeError as exc:  # one bad row must not fail the batch
+                req.error = f"token selection failed: {exc}"
+                self._finish(req, "error", now)
+                events.append(TokenEvent(req.request_id, -1, ex.layer, True, "error"))
+                continue
             counts[ex.layer] += 1
             if ex.conf is not None:
                 stats["conf_sum"] += ex.conf

@@ -80,6 +80,7 @@ class Request:
     output_text: str = ""
     generator: torch.Generator | None = None
     preemptions: int = 0
+    error: str | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -44,6 +44,20 @@ class RequestRecord:
     finish_reason: str
 
 
+def _tail(records: deque, since: float | None, key) -> list:
+    """Records with ``key >= since``, read from the newest end (records arrive in time order), so a
+    windowed snapshot costs the window, not the whole history."""
+    if since is None:
+        return list(records)
+    out = []
+    for rec in reversed(records):
+        if key(rec) < since:
+            break
+        out.append(rec)
+    out.reverse()
+    return out
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
@@ -117,8 +131,9 @@ class Telemetry:
 
     def snapshot(self, since: float | None = None, now: float | None = None, **state) -> TelemetrySnapshot:
         """Aggregate records with start time >= ``since`` (all when None); ``state`` fills current values."""
-        steps = [s for s in self.steps if since is None or s.t_start >= since]
-        reqs = [r for r in self.requests if since is None or r.arrival + r.latency >= since]
+        steps = _tail(self.steps, since, lambda s: s.t_start)
+        reqs = [r for r in _tail(self.requests, since, lambda r: r.arrival + r.latency)
+                if since is None or r.arrival + r.latency >= since]
         snap = TelemetrySnapshot(**state)
         snap.steps = len(steps)
         if now is not None:
@@ -148,7 +163,7 @@ class Telemetry:
             snap.batch_mean = float(np.mean(batches)) if batches else 0.0
             snap.batch_max = max(batches) if batches else 0
         snap.requests_finished = len(reqs)
-        snap.arrivals = sum(1 for t in self.arrival_times if since is None or t >= since)
+        snap.arrivals = len(_tail(self.arrival_times, since, lambda t: t))
         ttfts = [r.ttft for r in reqs if r.ttft is not None]
         tpots = [r.tpot for r in reqs if r.tpot is not None]
         snap.ttft_p50, snap.ttft_p95, snap.ttft_p99 = (_pct(ttfts, q) for q in (50, 95, 99))

@@ -9,6 +9,7 @@ the resident stack without touching layers that stay.
 from __future__ import annotations
 
 import copy
+import functools
 import ctypes
 import json
 from pathlib import Path
@@ -299,8 +300,9 @@ class LayeredModel:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path) if has else False
         return self._tokenizer or None
 
-    @property
-    def eos_token_ids(self) -> set[int]:
+    @functools.cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """End-of-sequence ids from the config, generation config and tokenizer (read once)."""
         ids: set[int] = set()
         gen_eos = None
         gen_cfg = self.path / "generation_config.json"
@@ -312,4 +314,4 @@ class LayeredModel:
                 ids.add(v)
             elif isinstance(v, (list, tuple)):
                 ids.update(int(x) for x in v)
-        return ids
+        return frozenset(ids)

@@ -30,7 +30,7 @@ exits: {{layers: {layers}, threshold: 0.06}}
 repository: {{dir: {repo}, prompts: 3, new_tokens: 6, batches: [1, 4]}}
 backend: {{timing: modeled, interval_s: 0.005}}
 controllers:
-  helios: {{profile_requests: 2, reprofile_interval: 5}}
+  helios: {{profile_requests: 2, profile_batch: requests, reprofile_interval: 5}}
   best-static: {{max_points: 3, search_requests: 4}}
   random: {{change_prob: 0.3}}
 evaluation: {{controllers: [static, helios, random, best-static]}}

@@ -330,3 +330,67 @@ def test_windowed_snapshot_counts_only_recent_steps(tiny_dirs):
         eng.step()
         t[0] += 1.0
     assert eng.snapshot(since=3.0).steps == 3 and eng.snapshot().steps == 6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recompute_stays_exact_under_mixed_exits_and_joins(tiny_dirs, seed):
+    """Random per-layer thresholds, rows joining late, windows of different widths exiting at
+    different layers (regression: a compacted batch kept the widest window's padding)."""
+    rng = np.random.default_rng(seed)
+    folder = tiny_dirs["llama"]
+    eng = make_engine(folder, max_batch=4, pending_window=6)
+    thr = {layer: float(rng.uniform(0.02, 0.08)) for layer in range(5)}
+    eng.apply(ServingConfig(exit_layers=(0, 1, 2, 3, 4), threshold=thr))
+    ids = []
+    for step in range(30):
+        if step % 6 == 0 and len(ids) < 4:
+            prompt = [int(x) for x in rng.integers(3, 150, size=int(rng.integers(2, 9)))]
+            ids.append(eng.add_request(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)))
+        eng.step()
+    eng.apply(ServingConfig(exit_layers=()))
+    eng.step()
+    hf = _hf(folder)
+    for rid in ids:
+        req = eng.requests[rid]
+        toks = req.token_ids[:-1]
+        with torch.no_grad():
+            ref = hf(torch.tensor([toks]), use_cache=True).past_key_values
+        for layer in range(6):
+            k = eng.pool.k[layer][req.slot][:, :len(toks)]
+            torch.testing.assert_close(k, ref.layers[layer].keys[0], rtol=1e-9, atol=1e-9)
+
+
+def test_compacted_batch_drops_padding_of_departed_wide_windows(tiny_dirs, monkeypatch):
+    """Row A leaves at layer 2 with a 3-position window while row B must widen at layer 3."""
+    from helios_rl.engine import forward
+    from helios_rl.engine.forward import ExitPolicy, LayerLoop
+    from helios_rl.engine.kv_cache import KVPool
+
+    folder = tiny_dirs["llama"]
+    model = LayeredModel(folder, device="cpu", dtype=torch.float64)
+    pool = KVPool(2, 6, 64, model.num_kv_heads, model.head_dim, model.hidden_size, 8, model.dtype, model.device)
+    loop = LayerLoop(model, pool)
+    seqs = [[5, 6, 7], [20, 21, 22, 23]]
+    slots = [pool.alloc(), pool.alloc()]
+    schedule = iter([[1, 0], [0], [1, 0], [1], [0, 0], [1, 0]])  # per exit-layer call: rows still active
+    monkeypatch.setattr(forward, "confidence", lambda logits, measure: torch.tensor(next(schedule), dtype=torch.float64))
+    policy = ExitPolicy(layers=frozenset({0, 2}), thresholds={0: 0.5, 2: 0.5})
+
+    def advance(pol):
+        for ex in loop.run_rows(slots, seqs, pol):
+            seqs[ex.index].append(int(ex.logits.argmax()))
+
+    with torch.inference_mode():
+        loop.run_rows(slots, seqs, ExitPolicy(), allow_exit=np.zeros(2, dtype=bool))  # prefill
+        for s in seqs:
+            s.append(7)
+        for _ in range(3):
+            advance(policy)
+        advance(ExitPolicy())  # exits off: every pending position is recomputed
+    hf = _hf(folder)
+    for slot, seq in zip(slots, seqs):
+        toks = seq[:-1]
+        with torch.no_grad():
+            ref = hf(torch.tensor([toks]), use_cache=True).past_key_values
+        for layer in range(6):
+            torch.testing.assert_close(pool.k[layer][slot][:, :len(toks)], ref.layers[layer].keys[0])

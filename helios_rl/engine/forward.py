@@ -145,6 +145,9 @@ class LayerLoop:
                     kt = torch.as_tensor(np.nonzero(keep)[0], device=dev)
                     h = h.index_select(0, kt)
                     slots_np, p, n, idx, allow = slots_np[keep], p[keep], n[keep], idx[keep], allow[keep]
+                    width = int(n.max())
+                    if width < h.shape[1]:  # the widest windows may have left: drop their padding
+                        h = h[:, h.shape[1] - width:]
                     geometry = None
         hl = h[:, -1]
         logits = model.heads.final_logits(hl) if depth == model.num_layers else model.heads.logits(last, hl)

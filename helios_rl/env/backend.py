@@ -1,0 +1,101 @@
+"""The protocol every environment backend speaks, and what one control interval returns.
+
+A backend owns the serving loop (the real engine, or the calibrated simulator) and nothing else;
+the environment owns spaces, masks and rewards. Both backends are driven the same way::
+
+    backend.reset(seed, config)          # fresh episode on the scenario's workload, seeded
+    cost_s = backend.apply(config)       # at a step boundary; ValueError when infeasible
+    interval = backend.advance(seconds)  # serve one control interval (virtual seconds)
+    backend.finished                     # every request of the trace served
+    backend.summary()                    # episode metrics (throughput, TTFT/TPOT p95)
+    backend.close()                      # free the engine's memory
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from helios_rl.engine.config import ServingConfig
+from helios_rl.engine.telemetry import TelemetrySnapshot
+
+ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
+
+
+def engine_version() -> str:
+    """Package version plus a hash of the engine's source: a profile is only valid for this engine."""
+    from helios_rl import __version__
+
+    h = hashlib.sha256()
+    for f in sorted(ENGINE_DIR.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+@dataclass
+class Interval:
+    """What one control interval produced: the engine's telemetry plus what the reward needs."""
+
+    snapshot: TelemetrySnapshot
+    slo_met: int = 0  # requests finished in the interval meeting the TTFT and TPOT SLO
+    slo_missed: int = 0
+    agreement: float | None = None  # predicted agreement with full-depth output of the config in force
+    busy_s: float = 0.0  # seconds the engine computed (energy estimate)
+    failure: str | None = None  # a real serving failure (terminates the episode)
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """One serving loop under control (see module docstring)."""
+
+    models: tuple[str, ...]
+    num_layers: dict[str, int]
+    now: float
+
+    def reset(self, seed: int, config: ServingConfig) -> None: ...
+
+    def admissible(self, model: str, depth: int) -> int: ...
+
+    def apply(self, config: ServingConfig) -> float: ...
+
+    def advance(self, seconds: float) -> Interval: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def summary(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def percentile(values: list[float], q: float) -> float:
+    """``numpy.percentile`` (linear) of a short list without numpy's per-call overhead."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def episode_summary(ttfts: list[float], tpots: list[float], tokens: int, elapsed_s: float, served: int,
+                    total: int) -> dict:
+    """Episode metrics both backends report the same way (fidelity compares these)."""
+    return {"tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0, "ttft_p95": percentile(ttfts, 95),
+            "tpot_p95": percentile(tpots, 95), "ttft_p50": percentile(ttfts, 50), "tpot_p50": percentile(tpots, 50),
+            "output_tokens": tokens, "elapsed_s": elapsed_s, "served": served, "requests": total}
+
+
+def thr_key(threshold: float | None) -> str:
+    """Profile key of a threshold (``cal``: the calibrated per-layer thresholds)."""
+    return "cal" if threshold is None else f"{float(threshold):.3f}"
+
+
+def config_hash(folder: Path) -> str:
+    """Hash of a model folder's ``config.json`` (a profile names the exact models it measured)."""
+    return hashlib.sha256((Path(folder) / "config.json").read_bytes()).hexdigest()[:16]

@@ -1,0 +1,162 @@
+"""Calibrate the simulator: profile the live engine over a grid and fit what the simulator needs.
+
+For each model of the scenario: the admissible batch and resident bytes at every depth (from the
+engine itself), the load cost (two timed loads: overhead + seconds per byte), and for every
+(depth bucket, threshold) of the environment's grid the exit-layer distribution, breach rate, mean
+confidence and agreement with the model's own full-depth greedy output on the scenario's prompts.
+Steps of those runs plus a batch sweep give the step-time model, fitted by non-negative least
+squares on :func:`~helios_rl.env.profile.step_features` (per model), with its relative residual.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from helios_rl.engine.config import ServingConfig
+from helios_rl.engine.engine import Engine
+from helios_rl.engine.kv_cache import KVPool
+from helios_rl.engine.request import SamplingParams
+from helios_rl.env.backend import config_hash, engine_version, thr_key
+from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, head_evals_per_layer, step_features
+from helios_rl.evaluation.replay import format_prompt
+from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
+from helios_rl.models.registry import resolve_model
+
+DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def depth_grid(num_layers: int, buckets: int = 4) -> list[int]:
+    return sorted({max(1, math.ceil(f * num_layers)) for f in np.linspace(1 / buckets, 1.0, buckets)})
+
+
+def calibrate(scenario, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, depth_buckets: int = 4,
+              batches: tuple[int, ...] = (1, 4, 16), prompts: int = 4, new_tokens: int = 8, timing: str | None = None,
+              say: Callable[[str], None] = lambda s: None) -> SimProfile:
+    """Profile every model of ``scenario`` on the live engine (see module docstring)."""
+    from helios_rl.env.workload import EpisodeWorkload
+
+    sc = scenario
+    prev = set_threads(sc.engine.threads)
+    timer = Timer(timing or sc.backend.timing)
+    loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
+    texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]
+    thr_grid = list(thresholds) + ([None] if sc.exits.threshold is None else [sc.exits.threshold])
+    thr_grid = list(dict.fromkeys(thr_grid))
+    models = {}
+    t_start = time.perf_counter()
+    try:
+        for name in sc.models:
+            models[name] = _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts,
+                                  new_tokens, say)
+    finally:
+        set_threads(prev)
+    settings = {"memory_budget_bytes": sc.engine.memory_budget_bytes, "max_batch": sc.engine.max_batch,
+                "max_model_len": sc.engine.max_model_len, "kv_strategy": sc.engine.kv_strategy,
+                "max_prefill_tokens": sc.engine.max_prefill_tokens}
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "calibration_s": round(time.perf_counter() - t_start, 2),
+            "thresholds": [thr_key(t) for t in thr_grid], "batches": list(batches), "prompts": prompts,
+            "new_tokens": new_tokens}
+    return SimProfile(engine_version(), sc.name, timer.mode, settings, models, meta)
+
+
+def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts, new_tokens, say) -> ModelSim:
+    settings = sc.engine.settings(sc.exits.measure, sc.exits.default_threshold)
+    # load costs: two timed loads (depth 1 and full) give overhead + seconds per byte
+    pts = []
+    for d in (1, None):
+        t0 = timer.start()
+        m = loader(name, d)
+        pts.append((m.resident_bytes(), timer.load_cost(t0, m.resident_bytes())))
+        if d is not None:
+            m.unload()
+    model = m
+    (b1, s1), (b2, s2) = pts
+    per_byte = max(0.0, (s2 - s1) / (b2 - b1)) if b2 > b1 else s2 / max(b2, 1)
+    overhead = max(0.0, s2 - per_byte * b2)
+    L = model.num_layers
+    clock = VirtualClock(0.0)
+    engine = Engine(model, settings, loader=None, clock=clock)
+    exits = exit_layers_for(model, sc.exits.layers_for(name), sc.exits.measure)
+    elem = torch.tensor([], dtype=model.dtype).element_size()
+    adapters = sum(p.numel() * p.element_size() for a in model.heads.adapters.values() for p in a.parameters())
+    admissible = [int(engine.admissible_batch(d)) for d in range(1, L + 1)]
+    weight_bytes = [int(model.weight_bytes_at_depth(d) + adapters) for d in range(1, L + 1)]
+    max_len = min(settings.max_model_len, model.max_positions)
+    slot_bytes = [int(KVPool.slot_bytes(d, max_len, model.kv_bytes_per_token_layer(), model.hidden_size,
+                                        settings.pending_window, elem, settings.kv_strategy == "recompute"))
+                  for d in range(1, L + 1)]
+    X, y = [], []
+
+    def run(depth: int, thr, batch: int, n_prompts: int, layers) -> tuple[list[list[int]], np.ndarray, int, float, int]:
+        engine.apply(ServingConfig(depth=depth, max_batch=batch, threshold=thr if thr is not None else None,
+                                   exit_layers=tuple(layers), measure=sc.exits.measure))
+        if thr is None:  # back to the calibrated per-layer thresholds
+            engine.config.threshold = None
+            engine._policy = engine._exit_policy(engine.config, engine.model)
+        heads = head_evals_per_layer(L, depth, list(layers))
+        ids = [engine.add_request(texts[i % len(texts)], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+               for i in range(n_prompts)]
+        counts = np.zeros(L, dtype=np.int64)
+        breaches = tokens = 0
+        conf_sum, conf_n = 0.0, 0
+        while engine.has_unfinished():
+            rows = list(engine.running) + list(engine.waiting)[: max(0, engine.max_batch - len(engine.running))]
+            ctx_mean = float(np.mean([r.seq_len for r in rows])) if rows else 0.0
+            t0 = timer.start()
+            engine.step()
+            rec = engine.telemetry.steps[-1]
+            cost = timer.step_cost(t0, rec)
+            clock.advance(cost)
+            X.append(step_features(depth, rec.exit_counts, heads, ctx_mean, rec.prefill_tokens))
+            y.append(cost)
+            counts[: len(rec.exit_counts)] += rec.exit_counts
+            breaches += rec.breaches
+            tokens += rec.decode_tokens
+            conf_sum, conf_n = conf_sum + rec.conf_sum, conf_n + rec.conf_n
+        outs = [list(engine.requests[i].output_ids) for i in ids]
+        for i in ids:
+            engine.release(i)
+        return outs, counts, breaches, conf_sum / conf_n if conf_n else 0.0, tokens
+
+    ref, *_ = run(L, 1.0, prompts, prompts, ())  # full-depth greedy reference, no exits
+    exit_stats = {}
+    depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
+    for d in depths:
+        for thr in thr_grid:
+            outs, counts, breaches, conf, tokens = run(d, thr, min(prompts, admissible[d - 1]), prompts, exits)
+            agree = [a == b for o, r in zip(outs, ref) for a, b in zip(o, r)]
+            exit_stats[f"{d}:{thr_key(thr)}"] = {
+                "p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches / tokens if tokens else 0.0,
+                "agreement": float(np.mean(agree)) if agree else 1.0, "conf": conf}
+        say(f"  {name}: depth {d}/{L}: {len(thr_grid)} thresholds profiled")
+    default_thr = sc.exits.threshold
+    for d in sorted({depths[0], depths[-1]}):
+        for b in batches:
+            bb = min(b, admissible[d - 1])
+            run(d, default_thr, bb, bb, exits)
+    say(f"  {name}: batch sweep done ({len(y)} steps measured)")
+    coef, sigma = _fit(np.array(X), np.array(y))
+    engine.model.unload()
+    engine.pool = None
+    return ModelSim(name=name, config_hash=config_hash(resolve_model(name, progress=False)), num_layers=L,
+                    exit_layers=[int(x) for x in exits], admissible=admissible, weight_bytes=weight_bytes,
+                    slot_bytes=slot_bytes, step_coef=coef, residual_sigma=sigma, load_overhead_s=overhead,
+                    load_s_per_byte=per_byte, exits=exit_stats)
+
+
+def _fit(X: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], float]:
+    """Non-negative least squares on column-scaled features; relative residual std."""
+    from scipy.optimize import nnls
+
+    scale = np.maximum(np.abs(X).max(axis=0), 1e-12)
+    w = 1.0 / np.maximum(y, 1e-9)  # relative error: weight each step by 1 / its time
+    sol, _ = nnls(X / scale * w[:, None], y * w)
+    coef = sol / scale
+    pred = X @ coef
+    rel = y / np.maximum(pred, 1e-12) - 1.0
+    return {k: float(v) for k, v in zip(FEATURES, coef)}, float(min(0.5, np.std(rel)))

@@ -1,0 +1,229 @@
+"""The live backend: the real engine serving the scenario's real prompts, interval by interval.
+
+It reuses the evaluation replay's pieces (:class:`ModelLoader`, :class:`VirtualClock`,
+:class:`Timer`, ``exit_layers_for``, ``format_prompt``): under the virtual clock (default) arrivals
+are placed on a clock that advances by each step's measured compute time (the scenario's
+``backend.timing``), and jumps to the next arrival when the engine is idle, so nothing sleeps; under
+the wall clock time passes by itself and idle gaps are slept. Load and switch costs are real: the
+engine really loads the layers and the clock is charged what that cost.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from helios_rl.controllers.repository import checkpoint_facts
+from helios_rl.engine.config import ServingConfig
+from helios_rl.engine.engine import Engine
+from helios_rl.engine.request import RequestError, SamplingParams
+from helios_rl.env.backend import Interval, episode_summary
+from helios_rl.evaluation.replay import format_prompt
+from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for
+from helios_rl.models.layered import release_freed_memory
+from helios_rl.utils.device import parse_dtype, resolve_device
+
+
+class WallClock:
+    """Seconds since the episode started; ``jump_to`` sleeps until then, ``advance`` is a no-op."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        pass
+
+    def jump_to(self, t: float) -> None:
+        delay = t - self.now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class LiveBackend:
+    """The real engine under control (see module docstring)."""
+
+    def __init__(self, scenario, workload, clock: str = "virtual", timing: str = "cpu", profile=None) -> None:
+        if clock not in ("virtual", "wall"):
+            raise ValueError(f"clock must be 'virtual' or 'wall', got {clock!r}")
+        sc = self.scenario = scenario
+        self.workload, self.clock_kind = workload, clock
+        self.timer = Timer("wall" if clock == "wall" else timing)
+        self.device = resolve_device(sc.engine.device)
+        elem = torch.tensor([], dtype=parse_dtype(sc.engine.dtype, self.device)).element_size()
+        self.facts = {m: checkpoint_facts(m, elem).as_profile() for m in sc.models}
+        self.models = tuple(sc.models)
+        self.num_layers = {m: f.num_layers for m in sc.models for f in [self.facts[m]]}
+        self.mem = sc.engine.memory()
+        self.loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
+        self.settings = sc.engine.settings(sc.exits.measure, sc.exits.default_threshold)
+        self.sim_profile = None
+        if profile is not None:
+            from helios_rl.env.profile import SimProfile
+
+            self.sim_profile = SimProfile.load(profile)
+            self.sim_profile.check(sc, str(profile))
+        self.engine: Engine | None = None
+        self.clock = VirtualClock(0.0)
+        self._adm: dict[tuple[str, int], int] = {}
+        self.now = 0.0
+
+    # ------------------------------------------------------------------ control
+    def admissible(self, model: str, depth: int) -> int:
+        if not 1 <= depth <= self.num_layers[model]:
+            return 0
+        if self.engine is not None and self.engine.model.name == model:
+            return int(self.engine.admissible_batch(depth))
+        key = (model, depth)
+        if key not in self._adm:
+            self._adm[key] = int(self.facts[model].admissible_batch(depth, self.mem))
+        return self._adm[key]
+
+    def _exit_layers(self) -> tuple[int, ...]:
+        m = self.engine.model
+        return tuple(exit_layers_for(m, self.scenario.exits.layers_for(m.name), self.scenario.exits.measure))
+
+    def reset(self, seed: int, config: ServingConfig) -> None:
+        self._drop_engine(keep_model=config.model)
+        self.clock = VirtualClock(0.0) if self.clock_kind == "virtual" else WallClock()
+        model = getattr(self, "_kept", None)
+        self._kept = None
+        if model is not None and model.name == config.model:
+            model.set_depth(config.depth or model.num_layers)
+        else:
+            if model is not None:
+                model.unload()
+            model = self.loader(config.model, config.depth)
+        self.engine = Engine(model, self.settings, loader=self.loader, clock=self.clock)
+        self.engine.apply(ServingConfig(max_batch=config.max_batch, threshold=config.threshold,
+                                        exit_layers=self._exit_layers(), measure=self.scenario.exits.measure))
+        self.seed = seed
+        self.pending = sorted(self.workload.requests(seed), key=lambda r: r.arrival_s)
+        self.i = 0
+        self.errors = 0
+        self.n_records = 0
+        self.ttfts: list[float] = []
+        self.tpots: list[float] = []
+        self.tokens = 0
+        self.served = 0
+        self.prev_end = 0.0
+        self.now = self.clock.now
+
+    def apply(self, config: ServingConfig) -> float:
+        eng = self.engine
+        before_model, before_bytes = eng.model.name, eng.model.resident_bytes()
+        switching = config.model is not None and config.model != before_model
+        t0 = self.timer.start()
+        cfg = ServingConfig(model=config.model, depth=config.depth, max_batch=config.max_batch,
+                            threshold=config.threshold, exit_layers=() if switching else None)
+        eng.apply(cfg)  # ValueError when infeasible: the engine keeps its config
+        if switching:
+            eng.apply(ServingConfig(exit_layers=self._exit_layers()))
+        after = eng.model.resident_bytes()
+        loaded = after if eng.model.name != before_model else max(0, after - before_bytes)
+        cost = self.timer.load_cost(t0, loaded) if (switching or loaded) else 0.0
+        self.clock.advance(cost)
+        self.now = self.clock.now
+        return cost
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def finished(self) -> bool:
+        return self.engine is not None and self.i >= len(self.pending) and not self.engine.has_unfinished()
+
+    def _admit(self) -> None:
+        sp, eng, clock = self.scenario.sampling, self.engine, self.clock
+        while self.i < len(self.pending) and self.pending[self.i].arrival_s <= clock.now:
+            r = self.pending[self.i]
+            params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p,
+                                    seed=self.seed * 100_003 + self.i if sp.temperature > 0 else None,
+                                    ignore_eos=sp.ignore_eos)
+            try:
+                eng.add_request(format_prompt(r), params, request_id=r.request_id, arrival_time=r.arrival_s)
+            except RequestError:
+                self.errors += 1
+            self.i += 1
+
+    def advance(self, seconds: float) -> Interval:
+        eng, clock = self.engine, self.clock
+        t_end = clock.now + seconds
+        busy, failure = 0.0, None
+        while True:
+            self._admit()
+            if not eng.has_unfinished():
+                if self.i >= len(self.pending):
+                    break
+                clock.jump_to(min(self.pending[self.i].arrival_s, t_end))
+                if clock.now >= t_end:
+                    break
+                continue
+            t0 = self.timer.start()
+            try:
+                eng.step()
+            except Exception as exc:  # a real serving failure ends the episode
+                failure = f"{type(exc).__name__}: {exc}"
+                break
+            cost = self.timer.step_cost(t0, eng.telemetry.steps[-1])
+            clock.advance(cost)
+            busy += cost
+            if clock.now >= t_end:
+                break
+        snap = eng.snapshot(since=self.prev_end)
+        self.prev_end = clock.now
+        self.now = clock.now
+        met = missed = 0
+        recs = eng.telemetry.requests
+        new = list(recs)[self.n_records - len(recs):] if self.n_records < len(recs) else []
+        self.n_records = len(recs)
+        slo = self.scenario.slo
+        for r in new:
+            if r.ttft is not None:
+                self.ttfts.append(r.ttft)
+            if r.tpot is not None:
+                self.tpots.append(r.tpot)
+            ok = r.ttft is not None and r.ttft <= slo.ttft_s and (r.tpot is None or r.tpot <= slo.tpot_s)
+            met, missed = met + ok, missed + (not ok)
+        self.served += len(new)
+        self.tokens += snap.output_tokens
+        for r in new:
+            eng.release(r.request_id)
+        agreement = None
+        if self.sim_profile is not None and snap.model in self.sim_profile.models:
+            agreement = self.sim_profile.models[snap.model].exit_stats(snap.depth, eng.config.threshold)[2]
+        return Interval(snap, met, missed, agreement, busy, failure)
+
+    def summary(self) -> dict:
+        return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending))
+
+    # ------------------------------------------------------------------ memory
+    def _drop_engine(self, keep_model: str | None = None) -> None:
+        if self.engine is None:
+            return
+        model = self.engine.model
+        self.engine.pool = None
+        self.engine.loop = None
+        self.engine = None
+        if keep_model is not None and model.name == keep_model:
+            self._kept = model
+        else:
+            model.unload()
+        gc.collect()
+        release_freed_memory(self.device)
+
+    def close(self) -> None:
+        """Unload every layer and drop the KV pool (the process gives the memory back)."""
+        self._drop_engine()
+        kept = getattr(self, "_kept", None)
+        if kept is not None:
+            kept.unload()
+            self._kept = None
+        gc.collect()
+        release_freed_memory(self.device)

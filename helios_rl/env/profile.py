@@ -1,0 +1,167 @@
+"""Simulator profiles: what ``helios-rl calibrate`` measured on the live engine, as JSON.
+
+Per model: the step-time model (seconds of one engine step from its work: rows x layers run, head
+evaluations, context, prefill), load costs, the admissible batch and resident bytes per depth, and
+per (depth, threshold) the exit-layer distribution, breach rate, confidence and agreement with
+full-depth greedy output. A profile records the engine version and each model's config hash; using
+it with another engine or another model is a :class:`ProfileError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from helios_rl.env.backend import engine_version, thr_key
+from helios_rl.utils.io import atomic_write_json
+
+PROFILE_FORMAT = "helios_rl.sim_profile/1"
+#: Step-time features, in order (see :func:`step_features`).
+FEATURES = ("c0", "c_depth", "c_tok", "c_row_layer", "c_head", "c_ctx", "c_prefill")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot serve this scenario (other engine version, other model, malformed)."""
+
+
+def head_evals_per_layer(num_layers: int, depth: int, exit_layers: list[int]) -> np.ndarray:
+    """Exit-head evaluations a token costs when it leaves at each layer (1 final + exits passed)."""
+    ex = sorted(l for l in exit_layers if l < depth - 1)
+    out = np.ones(num_layers)
+    for l in range(num_layers):
+        out[l] += sum(1 for e in ex if e < l)
+    return out
+
+
+def step_features(depth: int, exit_counts: np.ndarray, head_evals: np.ndarray, ctx_mean: float,
+                  prefill_tokens: int) -> np.ndarray:
+    """Feature vector of one engine step (``FEATURES`` order): its work, not its time."""
+    counts = np.asarray(exit_counts, dtype=float)
+    tokens = counts.sum()
+    rows_layers = float((counts * np.arange(1, len(counts) + 1)).sum())
+    heads = float((counts * head_evals[: len(counts)]).sum())
+    return np.array([1.0, depth, tokens, rows_layers, heads, rows_layers * ctx_mean, prefill_tokens * depth])
+
+
+@dataclass
+class ModelSim:
+    """Everything the simulator knows about one model."""
+
+    name: str
+    config_hash: str
+    num_layers: int
+    exit_layers: list[int]
+    admissible: list[int]  # index depth-1
+    weight_bytes: list[int]  # resident weights at each depth
+    slot_bytes: list[int]  # KV bytes of one request slot at each depth
+    step_coef: dict[str, float]
+    residual_sigma: float = 0.0  # relative std of measured step time around the fit
+    load_overhead_s: float = 0.0
+    load_s_per_byte: float = 0.0
+    exits: dict[str, dict] = field(default_factory=dict)  # "depth:thr" -> {p, breach, agreement, conf}
+
+    def exit_stats(self, depth: int, threshold: float | None) -> tuple[np.ndarray, float, float, float]:
+        """(exit distribution over layers, breach rate, agreement, mean confidence) at a config.
+
+        Measured points are used as they are; others are derived from the deepest measured depth at
+        the nearest threshold: tokens that would exit deeper than the loaded depth exit at its last
+        layer as breaches, and agreement is interpolated between measured depths.
+        """
+        key = f"{depth}:{thr_key(threshold)}"
+        st = self.exits.get(key)
+        if st is not None:
+            return np.asarray(st["p"], dtype=float), st["breach"], st["agreement"], st["conf"]
+        tk = self._nearest_thr(threshold)
+        rows = sorted((int(k.split(":")[0]), v) for k, v in self.exits.items() if k.split(":")[1] == tk)
+        if not rows:
+            p = np.zeros(self.num_layers)
+            p[depth - 1] = 1.0
+            return p, 0.0, 1.0 if depth == self.num_layers else 0.0, 0.0
+        deeper = [v for d, v in rows if d >= depth] or [rows[-1][1]]
+        full = np.asarray(deeper[0]["p"], dtype=float)
+        p = full.copy()
+        p[depth - 1] = full[depth - 1:].sum()
+        p[depth:] = 0.0
+        breach = float(full[depth:].sum()) if depth < self.num_layers else 0.0
+        ds = [d for d, _ in rows]
+        agree = float(np.interp(depth, ds, [v["agreement"] for _, v in rows]))
+        conf = float(np.interp(depth, ds, [v["conf"] for _, v in rows]))
+        return p, breach, agree, conf
+
+    def _nearest_thr(self, threshold: float | None) -> str:
+        keys = {k.split(":")[1] for k in self.exits}
+        want = thr_key(threshold)
+        if want in keys or not keys:
+            return want
+        numeric = [k for k in keys if k != "cal"]
+        if threshold is None or not numeric:
+            return "cal" if "cal" in keys else sorted(keys)[0]
+        return min(numeric, key=lambda k: abs(float(k) - float(threshold)))
+
+    def load_seconds(self, from_depth: int, to_depth: int, with_base: bool) -> float:
+        base = 0 if with_base or from_depth < 1 else self.weight_bytes[from_depth - 1]
+        nbytes = self.weight_bytes[to_depth - 1] - base
+        return self.load_overhead_s + max(0, nbytes) * self.load_s_per_byte
+
+
+@dataclass
+class SimProfile:
+    """A calibrated profile of the live engine for one scenario's models (see module docstring)."""
+
+    engine_version: str
+    scenario: str
+    timing: str
+    settings: dict
+    models: dict[str, ModelSim]
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, "engine_version": self.engine_version, "scenario": self.scenario,
+                "timing": self.timing, "settings": self.settings, "meta": self.meta,
+                "models": {k: asdict(v) for k, v in self.models.items()}}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SimProfile":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"{path}: cannot read simulator profile: {exc}") from None
+        if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{path}: not a simulator profile (expected format {PROFILE_FORMAT!r}); "
+                               f"write one with `helios-rl calibrate SCENARIO --out {path}`")
+        try:
+            models = {k: ModelSim(**v) for k, v in d["models"].items()}
+            return cls(d["engine_version"], d["scenario"], d["timing"], d["settings"], models, d.get("meta", {}))
+        except (KeyError, TypeError) as exc:
+            raise ProfileError(f"{path}: malformed simulator profile: {exc}") from None
+
+    def check(self, scenario, where: str = "profile") -> None:
+        """Raise :class:`ProfileError` unless this profile was measured on this engine and these models."""
+        from helios_rl.env.backend import config_hash
+        from helios_rl.models.registry import resolve_model
+
+        here = engine_version()
+        if self.engine_version != here:
+            raise ProfileError(f"{where}: measured on engine version {self.engine_version}, this engine is {here}; "
+                               f"re-run `helios-rl calibrate {scenario.path} --out {where}`")
+        missing = [m for m in scenario.models if m not in self.models]
+        if missing:
+            raise ProfileError(f"{where}: has no calibration for model(s) {missing} of scenario {scenario.name!r} "
+                               f"(profiled: {sorted(self.models)})")
+        for m in scenario.models:
+            h = config_hash(resolve_model(m, progress=False))
+            if self.models[m].config_hash != h:
+                raise ProfileError(f"{where}: model {m!r} has config hash {h}, the profile measured "
+                                   f"{self.models[m].config_hash} (another model under the same name)")
+        budget = scenario.engine.memory_budget_bytes
+        if self.settings.get("memory_budget_bytes") != budget or self.settings.get("max_batch") != scenario.engine.max_batch:
+            raise ProfileError(f"{where}: measured with memory budget {self.settings.get('memory_budget_bytes')} and "
+                               f"max_batch {self.settings.get('max_batch')}; the scenario has {budget} and "
+                               f"{scenario.engine.max_batch}")

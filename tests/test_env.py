@@ -1,0 +1,178 @@
+"""The Gymnasium environment on tiny models: both backends, masks, seeding, recording, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import gymnasium
+import numpy as np
+import pytest
+
+import helios_rl.env  # noqa: F401  (registers the environments)
+from helios_rl.env.calibrate import calibrate
+from helios_rl.env.env import HeliosServingEnv
+from helios_rl.env.profile import ProfileError, SimProfile
+from helios_rl.scenario import Scenario, ScenarioError
+
+SCENARIO = """\
+name: tiny-env
+seed: 0
+models: [{a}, {b}]
+workload:
+  arrival: {{kind: poisson, rate: 300.0}}
+  num_requests: 24
+  tasks: {{completion: 0.5, chat: 0.5}}
+  max_new_tokens: 6
+  max_prompt_tokens: 16
+  split: all
+  prompts: {{sources: [], file: {prompts}}}
+slo: {{ttft_s: 0.05, tpot_s: 0.01, objective: throughput}}
+engine: {{memory_budget: 3MiB, max_batch: 8, max_model_len: 48}}
+exits: {{layers: [0, 1, 2], threshold: 0.06}}
+backend: {{timing: modeled, interval_s: 0.01}}
+controllers:
+  helios: {{profile_requests: 2, profile_batch: requests, reprofile_interval: 5}}
+  random: {{change_prob: 0.3}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_scenario(tmp_path_factory, tiny_text_dirs):
+    root = tmp_path_factory.mktemp("envsc")
+    prompts = root / "prompts.jsonl"
+    with prompts.open("w") as fh:
+        for i in range(12):
+            words = " ".join(f"w{3 + (7 * i + 5 * j) % 150}" for j in range(4 + i % 6))
+            fh.write(json.dumps({"prompt": words, "task": ("completion", "chat")[i % 2], "id": f"p{i}"}) + "\n")
+    path = root / "tiny.yaml"
+    path.write_text(SCENARIO.format(a=tiny_text_dirs["tiny-a"], b=tiny_text_dirs["tiny-b"], prompts=prompts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_scenario, tmp_path_factory):
+    prof = calibrate(Scenario.from_yaml(tiny_scenario), thresholds=(0.06, 0.5), batches=(1, 4), prompts=3,
+                     new_tokens=5)
+    out = tmp_path_factory.mktemp("prof") / "profile.json"
+    prof.save(out)
+    return out
+
+
+def test_check_env_passes_on_sim_and_live(tiny_scenario, tiny_profile):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check
+
+    for kind in ("sim", "live"):
+        env = HeliosServingEnv(str(tiny_scenario), backend=kind, profile=str(tiny_profile))
+        check_env(env, skip_render_check=True)
+        sb3_check(env, warn=False)
+        env.close()
+    flat = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile), action_mode="flat")
+    check_env(flat, skip_render_check=True)
+    assert isinstance(flat.action_space, gymnasium.spaces.Discrete) and flat.action_space.n == len(flat.tuples) + 1
+
+
+def test_gymnasium_make_registered_ids(tiny_scenario, tiny_profile):
+    env = gymnasium.make("helios_rl/Serving-Sim-v0", scenario=str(tiny_scenario), profile=str(tiny_profile))
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    env.close()
+
+
+def test_ten_thousand_random_masked_actions_on_the_sim(tiny_scenario, tiny_profile):
+    env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile), horizon=200)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(10_000):
+        mask = env.action_masks()
+        action, start = [], 0
+        for n in env.dims:
+            allowed = np.flatnonzero(mask[start:start + n])
+            action.append(int(rng.choice(allowed)))
+            start += n
+        obs, r, term, trunc, info = env.step(np.array(action))
+        assert env.observation_space.contains(obs) and math.isfinite(r)
+        assert all(math.isfinite(v) for v in info["reward_terms"].values())
+        assert not term
+        if trunc:
+            obs, _ = env.reset()
+
+
+def test_seeded_resets_give_identical_sim_episodes(tiny_scenario, tiny_profile, tmp_path):
+    def episode(seed):
+        env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile), record=str(tmp_path / str(seed)))
+        env.action_space.seed(seed)
+        obs, _ = env.reset(seed=seed)
+        out = [obs]
+        for _ in range(60):
+            obs, r, term, trunc, _ = env.step(env.action_space.sample())
+            out += [obs, r]
+            if term or trunc:
+                break
+        env.close()
+        return out
+
+    a, b = episode(3), episode(3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+    from helios_rl.env.recording import replay_episode
+
+    rec = sorted((tmp_path / "3").glob("episode-*.jsonl"))
+    assert rec and replay_episode(rec[0])["match"]
+
+
+def test_live_episode_on_tiny_models_runs_to_the_end_of_the_trace(tiny_scenario):
+    env = HeliosServingEnv(str(tiny_scenario), backend="live")
+    obs, _ = env.reset(seed=0)
+    total, steps = 0, 0
+    while True:
+        mask = env.action_masks()
+        obs, r, term, trunc, info = env.step(np.zeros(4, dtype=np.int64) if steps % 3 else
+                                             np.array([2, 0, 0, 1]) if mask[2] else np.zeros(4, dtype=np.int64))
+        total += info["telemetry"]["output_tokens"]
+        steps += 1
+        assert env.observation_space.contains(obs) and not term
+        if trunc:
+            break
+    summ = info["episode_summary"]
+    assert summ["served"] == 24 and summ["output_tokens"] == total > 0
+    assert set(info["reward_terms"]) >= {"objective", "breach", "agreement", "slo", "switch"}
+    model = env.backend.engine.model
+    env.close()
+    assert env.backend.engine is None and model.resident_bytes() == 0
+
+
+def test_bad_inputs_give_clear_errors(tiny_scenario, tiny_profile, tmp_path):
+    env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="outside the action space"):
+        env.step(np.array([99, 0, 0, 0]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_scenario.read_text().replace("seed: 0\n", "seed: 0\nbogus_key: 1\n"))
+    with pytest.raises(ScenarioError, match="bogus_key"):
+        HeliosServingEnv(str(bad), backend="sim", profile=str(tiny_profile))
+    data = json.loads(tiny_profile.read_text())
+    data["engine_version"] = "0.0.0+deadbeef"
+    other = tmp_path / "old.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="engine version"):
+        HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
+    data = json.loads(tiny_profile.read_text())
+    first = next(iter(data["models"]))
+    data["models"][first]["config_hash"] = "0" * 16
+    other.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="config hash"):
+        HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
+    with pytest.raises(ValueError, match="needs profile"):
+        HeliosServingEnv(str(tiny_scenario), backend="sim")
+
+
+def test_masks_forbid_batches_the_budget_cannot_hold(tiny_scenario, tiny_profile):
+    env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile))
+    env.reset(seed=0)
+    mask = env.action_masks()
+    assert mask.shape == (sum(env.dims),) and mask.dtype == bool
+    m, d = env._cfg["model"], env._cfg["depth"]
+    start = env.dims[0] + env.dims[1]
+    for j, b in enumerate(env.batch_values):
+        assert mask[start + 1 + j] == (b <= env.backend.admissible(m, d))

@@ -12,17 +12,15 @@ See ``envs/README.md`` for every key.
 
 from __future__ import annotations
 
-import difflib
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from helios_rl.controllers.base import OBJECTIVES, SLO
-from helios_rl.controllers.params import PARAMS, ParamError, parse_params
+from helios_rl.controllers.params import PARAMS, Keys, ParamError, boolean, choice, number, parse_params, string
 from helios_rl.controllers.repository import MemorySettings, ModelFacts
 from helios_rl.engine.config import KV_STRATEGIES, EngineSettings
 from helios_rl.models.heads import CONFIDENCE_MEASURES
@@ -39,46 +37,6 @@ class ScenarioError(ValueError):
     """An invalid scenario; the message names the file, line and key."""
 
 
-class _Bad(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(key, message)
-        self.key, self.message = key, message
-
-
-# ----------------------------------------------------------------------------- value converters
-def _num(lo: float | None = None, hi: float | None = None, integer: bool = False, lo_open: bool = False):
-    def conv(v: Any, key: str) -> Any:
-        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
-            raise _Bad(key, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise _Bad(key, f"must be {'>' if lo_open else '>='} {lo:g}, got {v!r}")
-        if hi is not None and v > hi:
-            raise _Bad(key, f"must be <= {hi:g}, got {v!r}")
-        return int(v) if integer else float(v)
-    return conv
-
-
-def _choice(options: tuple[str, ...]):
-    def conv(v: Any, key: str) -> str:
-        if v not in options:
-            raise _Bad(key, f"must be one of {list(options)}, got {v!r}")
-        return v
-    return conv
-
-
-def _str(v: Any, key: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise _Bad(key, f"expected a non-empty string, got {v!r}")
-    return v
-
-
-def _bool(v: Any, key: str) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad(key, f"expected true or false, got {v!r}")
-    return v
-
-
 def parse_bytes(v: Any, key: str = "memory_budget") -> int:
     """``1073741824``, ``"1GiB"``, ``"900 MB"`` -> bytes (> 0)."""
     if isinstance(v, int) and not isinstance(v, bool):
@@ -86,39 +44,10 @@ def parse_bytes(v: Any, key: str = "memory_budget") -> int:
     elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9.]+)\s*([KMG]i?B|B)?\s*", v, re.IGNORECASE)):
         n = int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
     else:
-        raise _Bad(key, f"expected bytes as an integer or a size like '1GiB' / '900MB', got {v!r}")
+        raise ParamError(key, f"expected bytes as an integer or a size like '1GiB' / '900MB', got {v!r}")
     if n <= 0:
-        raise _Bad(key, f"must be > 0 bytes, got {v!r}")
+        raise ParamError(key, f"must be > 0 bytes, got {v!r}")
     return n
-
-
-class _Reader:
-    """Reads keys of one mapping at ``where``; ``finish`` rejects keys that were not read."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise _Bad(where, f"expected a mapping, got {type(data).__name__}")
-        self.data, self.where, self.used = data, where, set()
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def get(self, name: str, conv: Callable[[Any, str], Any], default: Any = None, required: bool = False) -> Any:
-        self.used.add(name)
-        if name not in self.data or self.data[name] is None:
-            if required:
-                raise _Bad(self.key(name), "required")
-            return default
-        return conv(self.data[name], self.key(name))
-
-    def finish(self) -> None:
-        for name in self.data:
-            if name not in self.used:
-                hint = difflib.get_close_matches(str(name), sorted(self.used), n=1)
-                more = f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {sorted(self.used)}"
-                raise _Bad(self.key(str(name)), f"unknown key{more}")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -239,7 +168,7 @@ class Scenario:
         lines: dict[tuple, int] = {}
         try:
             _walk(root, (), lines)
-        except _Bad as bad:
+        except ParamError as bad:
             raise ScenarioError(f"{path}:{lines.get(_path(bad.key), 1)}: {bad.key}: {bad.message}") from None
         data = yaml.safe_load(text)
         return cls.from_dict(data, source=str(path), lines=lines)
@@ -249,7 +178,7 @@ class Scenario:
         lines = lines or {}
         try:
             return _build(cls, data, source, lines)
-        except _Bad as bad:
+        except ParamError as bad:
             raise ScenarioError(_where(source, lines, bad.key, bad.message)) from None
 
     def error(self, key: str, message: str) -> ScenarioError:
@@ -326,83 +255,80 @@ class Scenario:
 
 # ----------------------------------------------------------------------------- building
 def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
-    r = _Reader(data, "")
-    name = r.get("name", _str, Path(source).stem if source != "<dict>" else "scenario")
-    seed = r.get("seed", _num(0, integer=True), 0)
+    r = Keys(data, "")
+    name = r.get("name", string, Path(source).stem if source != "<dict>" else "scenario")
+    seed = r.get("seed", number(0, integer=True), 0)
     models = r.get("models", _models, required=True)
     try:
         workload = WorkloadSpec.from_dict(r.get("workload", lambda v, k: v, required=True))
     except SpecError as exc:
         key, _, msg = str(exc).partition(": ")
-        raise _Bad(f"workload.{key}" if msg else "workload", msg or str(exc)) from None
-    s = _Reader(r.get("slo", lambda v, k: v, {}), "slo")
-    slo = SLO(ttft_s=s.get("ttft_s", _num(0, lo_open=True), SLO.ttft_s),
-              tpot_s=s.get("tpot_s", _num(0, lo_open=True), SLO.tpot_s),
-              agreement_floor=s.get("agreement_floor", _num(0, 1), SLO.agreement_floor),
-              objective=s.get("objective", _choice(OBJECTIVES), SLO.objective))
+        raise ParamError(f"workload.{key}" if msg else "workload", msg or str(exc)) from None
+    s = Keys(r.get("slo", lambda v, k: v, {}), "slo")
+    slo = SLO(ttft_s=s.get("ttft_s", number(0, lo_open=True), SLO.ttft_s),
+              tpot_s=s.get("tpot_s", number(0, lo_open=True), SLO.tpot_s),
+              agreement_floor=s.get("agreement_floor", number(0, 1), SLO.agreement_floor),
+              objective=s.get("objective", choice(OBJECTIVES), SLO.objective))
     s.finish()
-    e = _Reader(r.get("engine", lambda v, k: v, {}), "engine")
+    e = Keys(r.get("engine", lambda v, k: v, {}), "engine")
     d = EngineSection()
     engine = EngineSection(
         memory_budget_bytes=e.get("memory_budget", parse_bytes, None),
-        max_batch=e.get("max_batch", _num(1, integer=True), d.max_batch),
-        max_model_len=e.get("max_model_len", _num(2, integer=True), d.max_model_len),
-        kv_strategy=e.get("kv_strategy", _choice(KV_STRATEGIES), d.kv_strategy),
-        pending_window=e.get("pending_window", _num(2, integer=True), d.pending_window),
-        max_prefill_tokens=e.get("max_prefill_tokens", _num(1, integer=True), d.max_prefill_tokens),
-        device=e.get("device", _str, None), dtype=e.get("dtype", _choice(DTYPES), None),
-        threads=e.get("threads", _num(1, integer=True), d.threads))
+        max_batch=e.get("max_batch", number(1, integer=True), d.max_batch),
+        max_model_len=e.get("max_model_len", number(2, integer=True), d.max_model_len),
+        kv_strategy=e.get("kv_strategy", choice(KV_STRATEGIES), d.kv_strategy),
+        pending_window=e.get("pending_window", number(2, integer=True), d.pending_window),
+        max_prefill_tokens=e.get("max_prefill_tokens", number(1, integer=True), d.max_prefill_tokens),
+        device=e.get("device", string, None), dtype=e.get("dtype", choice(DTYPES), None),
+        threads=e.get("threads", number(1, integer=True), d.threads))
     e.finish()
-    x = _Reader(r.get("exits", lambda v, k: v, {}), "exits")
+    x = Keys(r.get("exits", lambda v, k: v, {}), "exits")
     exits = ExitSection(heads=x.get("heads", _heads, "auto"), layers=x.get("layers", _layers, "auto"),
                         threshold=x.get("threshold", _threshold, None),
-                        default_threshold=x.get("default_threshold", _num(0, 1), 0.9),
-                        measure=x.get("measure", _choice(CONFIDENCE_MEASURES), "max_prob"))
+                        default_threshold=x.get("default_threshold", number(0, 1), 0.9),
+                        measure=x.get("measure", choice(CONFIDENCE_MEASURES), "max_prob"))
     x.finish()
-    sp = _Reader(r.get("sampling", lambda v, k: v, {}), "sampling")
-    sampling = SamplingSection(temperature=sp.get("temperature", _num(0), 0.0), top_p=sp.get("top_p", _num(0, 1, lo_open=True), 1.0),
-                               ignore_eos=sp.get("ignore_eos", _bool, True))
+    sp = Keys(r.get("sampling", lambda v, k: v, {}), "sampling")
+    sampling = SamplingSection(temperature=sp.get("temperature", number(0), 0.0), top_p=sp.get("top_p", number(0, 1, lo_open=True), 1.0),
+                               ignore_eos=sp.get("ignore_eos", boolean, True))
     sp.finish()
-    rp = _Reader(r.get("repository", lambda v, k: v, {}), "repository")
-    repo = RepositorySection(dir=rp.get("dir", _str, None), prompts=rp.get("prompts", _num(1, integer=True), 8),
-                             new_tokens=rp.get("new_tokens", _num(2, integer=True), 24),
+    rp = Keys(r.get("repository", lambda v, k: v, {}), "repository")
+    repo = RepositorySection(dir=rp.get("dir", string, None), prompts=rp.get("prompts", number(1, integer=True), 8),
+                             new_tokens=rp.get("new_tokens", number(2, integer=True), 24),
                              batches=rp.get("batches", _int_list, (1, 8, 32)))
     rp.finish()
-    b = _Reader(r.get("backend", lambda v, k: v, {}), "backend")
-    backend = BackendSection(kind=b.get("kind", _choice(BACKENDS), "live"), clock=b.get("clock", _choice(CLOCKS), "virtual"),
-                             timing=b.get("timing", _choice(TIMINGS), "cpu"),
-                             interval_s=b.get("interval_s", _num(0, lo_open=True), 0.25))
+    b = Keys(r.get("backend", lambda v, k: v, {}), "backend")
+    backend = BackendSection(kind=b.get("kind", choice(BACKENDS), "live"), clock=b.get("clock", choice(CLOCKS), "virtual"),
+                             timing=b.get("timing", choice(TIMINGS), "cpu"),
+                             interval_s=b.get("interval_s", number(0, lo_open=True), 0.25))
     b.finish()
-    c = _Reader(r.get("controllers", lambda v, k: v, {}), "controllers")
+    c = Keys(r.get("controllers", lambda v, k: v, {}), "controllers")
     controllers = {}
     for cname in list(c.data):
-        try:
-            controllers[cname] = c.get(cname, lambda v, k, n=cname: parse_params(n, v, k), None) or parse_params(cname, None)
-        except ParamError as exc:
-            raise _Bad(exc.key, exc.message) from None
+        controllers[cname] = c.get(cname, lambda v, k, n=cname: parse_params(n, v, k)) or parse_params(cname, None)
     c.finish()
-    v = _Reader(r.get("evaluation", lambda v, k: v, {}), "evaluation")
+    v = Keys(r.get("evaluation", lambda v, k: v, {}), "evaluation")
     ev = EvaluationSection(controllers=v.get("controllers", _controller_names, EvaluationSection.controllers),
-                           seeds=v.get("seeds", _num(1, integer=True), 1), accuracy=v.get("accuracy", _bool, True),
-                           cpu_watts_per_core=v.get("cpu_watts_per_core", _num(0, lo_open=True), 15.0),
-                           max_steps=v.get("max_steps", _num(1, integer=True), 1_000_000))
+                           seeds=v.get("seeds", number(1, integer=True), 1), accuracy=v.get("accuracy", boolean, True),
+                           cpu_watts_per_core=v.get("cpu_watts_per_core", number(0, lo_open=True), 15.0),
+                           max_steps=v.get("max_steps", number(1, integer=True), 1_000_000))
     v.finish()
     r.finish()
     for key, p in controllers.items():
         for mkey in ("model",):
             m = getattr(p, mkey, None)
             if m is not None and m not in models:
-                raise _Bad(f"controllers.{key}.{mkey}", f"{m!r} is not one of the scenario's models {list(models)}")
+                raise ParamError(f"controllers.{key}.{mkey}", f"{m!r} is not one of the scenario's models {list(models)}")
         for i, m in enumerate(getattr(p, "models", None) or ()):
             if m not in models:
-                raise _Bad(f"controllers.{key}.models[{i}]", f"{m!r} is not one of the scenario's models {list(models)}")
+                raise ParamError(f"controllers.{key}.models[{i}]", f"{m!r} is not one of the scenario's models {list(models)}")
     for section in ("layers", "heads"):
         for m in getattr(exits, section) if isinstance(getattr(exits, section), dict) else ():
             if m not in models:
-                raise _Bad(f"exits.{section}.{m}", f"{m!r} is not one of the scenario's models {list(models)}")
+                raise ParamError(f"exits.{section}.{m}", f"{m!r} is not one of the scenario's models {list(models)}")
     lo, hi = workload.new_tokens_range()
     if workload.max_prompt_tokens is not None and workload.max_prompt_tokens + hi >= engine.max_model_len:
-        raise _Bad("engine.max_model_len", f"{engine.max_model_len} tokens cannot hold a prompt of up to "
+        raise ParamError("engine.max_model_len", f"{engine.max_model_len} tokens cannot hold a prompt of up to "
                    f"{workload.max_prompt_tokens} tokens (workload.max_prompt_tokens) plus {hi} new tokens")
     return cls(name=name, models=models, workload=workload, seed=seed, slo=slo, engine=engine, exits=exits,
                sampling=sampling, repository=repo, backend=backend, evaluation=ev, controllers=controllers,
@@ -411,11 +337,11 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
 
 def _models(v: Any, key: str) -> tuple[str, ...]:
     if not isinstance(v, list) or not v:
-        raise _Bad(key, "expected a non-empty list of model references (bundled name, folder, .gguf or hub id)")
-    out = tuple(_str(m, f"{key}[{i}]") for i, m in enumerate(v))
+        raise ParamError(key, "expected a non-empty list of model references (bundled name, folder, .gguf or hub id)")
+    out = tuple(string(m, f"{key}[{i}]") for i, m in enumerate(v))
     for i, m in enumerate(out):
         if m in out[:i]:
-            raise _Bad(f"{key}[{i}]", f"duplicate model {m!r}")
+            raise ParamError(f"{key}[{i}]", f"duplicate model {m!r}")
     return out
 
 
@@ -425,33 +351,33 @@ def _layers(v: Any, key: str) -> str | tuple[int, ...] | dict:
     if isinstance(v, dict):
         return {str(m): _layers(x, f"{key}.{m}") for m, x in v.items()}
     if not isinstance(v, list):
-        raise _Bad(key, f"expected 'auto', a list of layer indices, or {{model: 'auto' or list}}, got {v!r}")
-    return tuple(_num(0, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
+        raise ParamError(key, f"expected 'auto', a list of layer indices, or {{model: 'auto' or list}}, got {v!r}")
+    return tuple(number(0, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
 
 
 def _heads(v: Any, key: str) -> str | dict[str, str]:
     if isinstance(v, dict):
-        return {str(m): _str(x, f"{key}.{m}") for m, x in v.items()}
-    return _str(v, key)
+        return {str(m): string(x, f"{key}.{m}") for m, x in v.items()}
+    return string(v, key)
 
 
 def _threshold(v: Any, key: str) -> float | None:
-    return None if v == "calibrated" else _num(0, 1)(v, key)
+    return None if v == "calibrated" else number(0, 1)(v, key)
 
 
 def _int_list(v: Any, key: str) -> tuple[int, ...]:
     if not isinstance(v, list) or not v:
-        raise _Bad(key, f"expected a non-empty list of integers, got {v!r}")
-    return tuple(_num(1, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
+        raise ParamError(key, f"expected a non-empty list of integers, got {v!r}")
+    return tuple(number(1, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
 
 
 def _controller_names(v: Any, key: str) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [x.strip() for x in v.split(",") if x.strip()]
     if not isinstance(v, list) or not v:
-        raise _Bad(key, f"expected a list of controller names from {sorted(PARAMS)}")
+        raise ParamError(key, f"expected a list of controller names from {sorted(PARAMS)}")
     for i, name in enumerate(v):
-        _choice(tuple(PARAMS))(name, f"{key}[{i}]")
+        choice(tuple(PARAMS))(name, f"{key}[{i}]")
     return tuple(v)
 
 
@@ -464,7 +390,7 @@ def _walk(node: Any, path: tuple, lines: dict[tuple, int]) -> None:
             key = path + (k.value,)
             lines[key] = k.start_mark.line + 1
             if k.value in seen:
-                raise _Bad(".".join(map(str, key)), "duplicate key")
+                raise ParamError(".".join(map(str, key)), "duplicate key")
             seen.add(k.value)
             _walk(v, key, lines)
     elif isinstance(node, yaml.SequenceNode):

@@ -227,3 +227,12 @@ def test_helios_limits_the_predicted_agreement_drop():
     assert cfg.depth == 6  # coverage alone says 2; 0.90 and 0.97 are more than 0.02 below full depth
     cfg = run_profiles(HeliosController(context(a), HeliosParams(coverage=0.85, max_agreement_drop=None)))
     assert cfg.depth == 2
+
+
+def test_helios_does_not_shortlist_a_candidate_the_budget_keeps_too_shallow():
+    a, shallow = profile("a"), profile("shallow")
+    shallow.layer_bytes = [3 * MB] * 12  # fits the 24 MiB budget only a few layers deep
+    shallow.agreement = {d: (0.3 if d < 12 else 1.0) for d in shallow.agreement}
+    ctx = context(a, shallow)
+    assert 1 <= shallow.max_feasible_depth(ctx.memory) < 12
+    assert HeliosController(ctx, HeliosParams()).shortlist == ["a"]

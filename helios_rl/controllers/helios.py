@@ -4,8 +4,9 @@ Phases (kept in :attr:`HeliosController.phase`):
 
 1. **shortlist** (offline, at reset): rank the candidates by the throughput the model repository
    predicts at the depth their exits need and the batch the budget then admits; keep the top K:
-   candidates that fit the budget, then those whose predicted agreement meets the SLO floor, then
-   those that meet the TPOT SLO.
+   candidates that fit the budget; of those, the ones that can be loaded deep enough (within the
+   budget) for the predicted agreement the accuracy rule of phase 3 requires, if any; then those
+   that meet the TPOT SLO.
 2. **profile:<model>**: serve each shortlisted candidate, in turn, loaded as deep as the budget
    allows (with ``profile_requests`` requests' room), until ``profile_requests`` requests finish.
    Their tokens are real output returned to their users. The batch is not throttled by default
@@ -119,10 +120,7 @@ class HeliosController(Controller):
         largest predicted agreement drop from full depth that the params allow."""
         prof = self.ctx.profile(model)
         d = prof.coverage_depth(self.params.coverage, exit_counts)
-        floor = self.ctx.slo.agreement_floor
-        if self.params.max_agreement_drop is not None:
-            floor = max(floor, prof.predicted_agreement(prof.num_layers) - self.params.max_agreement_drop)
-        d = max(d, prof.min_depth_for_agreement(floor), self.params.min_depth)
+        d = max(d, prof.min_depth_for_agreement(self._required_agreement(model)), self.params.min_depth)
         options = [o for o in prof.depth_options() if o >= d] or [prof.num_layers]
         d = options[0]
         feasible = prof.max_feasible_depth(self.ctx.memory)
@@ -130,6 +128,15 @@ class HeliosController(Controller):
             fits = [o for o in prof.depth_options() if o <= feasible]
             d = fits[-1] if fits else feasible
         return d
+
+    def _required_agreement(self, model: str) -> float:
+        """Predicted agreement a depth of ``model`` must reach: the SLO floor, and at most
+        ``max_agreement_drop`` below the model's own full depth."""
+        prof = self.ctx.profile(model)
+        floor = self.ctx.slo.agreement_floor
+        if self.params.max_agreement_drop is not None:
+            floor = max(floor, prof.predicted_agreement(prof.num_layers) - self.params.max_agreement_drop)
+        return floor
 
     def _plan(self, model: str, depth: int) -> Plan:
         prof = self.ctx.profile(model)
@@ -150,7 +157,7 @@ class HeliosController(Controller):
             if self.ctx.profile(model).max_feasible_depth(self.ctx.memory) < 1:
                 continue
             plan = self._plan(model, self._depth_for(model))
-            accurate = self.ctx.profile(model).predicted_agreement(plan.depth) >= self.ctx.slo.agreement_floor - 1e-9
+            accurate = self.ctx.profile(model).predicted_agreement(plan.depth) >= self._required_agreement(model) - 1e-9
             meets = plan.step_s <= self.ctx.slo.tpot_s
             plans.append((not accurate, not meets, -self._score(plan), model))
         plans.sort()

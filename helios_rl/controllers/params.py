@@ -22,8 +22,9 @@ class ParamError(ValueError):
         self.message = message
 
 
-def _num(lo: float | None = None, hi: float | None = None, integer: bool = False,
-         lo_open: bool = False) -> Callable[[Any, str], Any]:
+def number(lo: float | None = None, hi: float | None = None, integer: bool = False,
+           lo_open: bool = False) -> Callable[[Any, str], Any]:
+    """Converter for a (bounded) number or integer; raises ParamError naming the key."""
     def conv(v: Any, key: str) -> Any:
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
         if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
@@ -36,11 +37,11 @@ def _num(lo: float | None = None, hi: float | None = None, integer: bool = False
     return conv
 
 
-def _opt(conv: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+def optional(conv: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
     return lambda v, key: None if v is None else conv(v, key)
 
 
-def _str(v: Any, key: str) -> str:
+def string(v: Any, key: str) -> str:
     if not isinstance(v, str) or not v:
         raise ParamError(key, f"expected a non-empty string, got {v!r}")
     return v
@@ -51,7 +52,7 @@ def _int_list_or_auto(v: Any, key: str) -> str | tuple[int, ...]:
         return "auto"
     if not isinstance(v, (list, tuple)) or not v:
         raise ParamError(key, f"expected 'auto' or a non-empty list of integers >= 1, got {v!r}")
-    return tuple(_num(1, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
+    return tuple(number(1, integer=True)(x, f"{key}[{i}]") for i, x in enumerate(v))
 
 
 def _str_list_or_none(v: Any, key: str) -> tuple[str, ...] | None:
@@ -59,7 +60,59 @@ def _str_list_or_none(v: Any, key: str) -> tuple[str, ...] | None:
         return None
     if not isinstance(v, (list, tuple)) or not v:
         raise ParamError(key, f"expected a non-empty list of model names, got {v!r}")
-    return tuple(_str(x, f"{key}[{i}]") for i, x in enumerate(v))
+    return tuple(string(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def conv(v: Any, key: str) -> str:
+        if v not in options:
+            raise ParamError(key, f"must be one of {list(options)}, got {v!r}")
+        return v
+    return conv
+
+
+class Keys:
+    """Reads the keys of one mapping at ``where``; :meth:`finish` rejects every key not read."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ParamError(where, f"expected a mapping, got {type(data).__name__}")
+        self.data, self.where, self.used = data, where, set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, conv: Callable[[Any, str], Any], default: Any = None, required: bool = False) -> Any:
+        """``conv(value, key)`` of ``name``; ``default`` when absent or null."""
+        self.used.add(name)
+        if name not in self.data or self.data[name] is None:
+            if required:
+                raise ParamError(self.key(name), "required")
+            return default
+        return conv(self.data[name], self.key(name))
+
+    def finish(self, allowed: set[str] | None = None) -> None:
+        known = sorted(allowed if allowed is not None else self.used)
+        for name in self.data:
+            if name not in known:
+                hint = difflib.get_close_matches(str(name), known, n=1)
+                more = f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {known}"
+                raise ParamError(self.key(str(name)), f"unknown {'parameter' if allowed else 'key'}{more}")
+
+
+def _batch_mode(v: Any, key: str) -> str | int:
+    if v in ("max", "requests"):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    raise ParamError(key, f"expected 'max', 'requests' or an integer >= 1, got {v!r}")
+
+
+def boolean(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ParamError(key, f"expected true or false, got {v!r}")
+    return v
 
 
 def p(default: Any, conv: Callable[[Any, str], Any], doc: str) -> Any:
@@ -71,34 +124,34 @@ def p(default: Any, conv: Callable[[Any, str], Any], doc: str) -> Any:
 class StaticParams:
     """EE-LLM-style baseline: one model at a fixed depth (full by default), calibrated exits."""
 
-    model: str | None = p(None, _opt(_str), "model to serve (default: the scenario's first candidate)")
-    depth: int | None = p(None, _opt(_num(1, integer=True)), "loaded layers (default: all)")
-    max_batch: int | None = p(None, _opt(_num(1, integer=True)), "batch cap (default: what the budget admits)")
+    model: str | None = p(None, optional(string), "model to serve (default: the scenario's first candidate)")
+    depth: int | None = p(None, optional(number(1, integer=True)), "loaded layers (default: all)")
+    max_batch: int | None = p(None, optional(number(1, integer=True)), "batch cap (default: what the budget admits)")
 
 
 @dataclass(frozen=True)
 class HeliosParams:
     """The HELIOS greedy heuristic (arXiv 2504.10724); defaults follow the paper where it gives one."""
 
-    shortlist_k: int = p(3, _num(1, integer=True), "candidates shortlisted from the model repository")
-    profile_requests: int = p(5, _num(1, integer=True), "live requests each candidate is profiled on")
-    profile_batch: Any = p("max", lambda v, k: _batch_mode(v, k),
+    shortlist_k: int = p(3, number(1, integer=True), "candidates shortlisted from the model repository")
+    profile_requests: int = p(5, number(1, integer=True), "live requests each candidate is profiled on")
+    profile_batch: Any = p("max", _batch_mode,
                            "batch cap while profiling: 'max' (what the budget admits), 'requests' "
                            "(= profile_requests) or an integer")
-    coverage: float = p(0.9, _num(0.0, 1.0, lo_open=True),
+    coverage: float = p(0.9, number(0.0, 1.0, lo_open=True),
                         "load up to the depth that this share of the profiled tokens exit by")
-    breach_window: int = p(100, _num(1, integer=True), "tokens in the confidence-breach window")
-    breach_limit: int = p(50, _num(1, integer=True), "breaches in the window that count as overflow")
-    reprofile_interval: int = p(150, _num(1, integer=True), "re-profile every this many served requests")
-    grow_fraction: float = p(0.2, _num(0.0, 1.0, lo_open=True),
+    breach_window: int = p(100, number(1, integer=True), "tokens in the confidence-breach window")
+    breach_limit: int = p(50, number(1, integer=True), "breaches in the window that count as overflow")
+    reprofile_interval: int = p(150, number(1, integer=True), "re-profile every this many served requests")
+    grow_fraction: float = p(0.2, number(0.0, 1.0, lo_open=True),
                              "on overflow, 'load more layers' adds this share of the model's layers")
-    horizon_requests: int | None = p(None, _opt(_num(1, integer=True)),
+    horizon_requests: int | None = p(None, optional(number(1, integer=True)),
                                      "requests the overflow cost compares over (default: until re-profile)")
-    min_depth: int = p(1, _num(1, integer=True), "never load fewer layers than this")
-    max_agreement_drop: float | None = p(0.02, _opt(_num(0.0, 1.0)),
+    min_depth: int = p(1, number(1, integer=True), "never load fewer layers than this")
+    max_agreement_drop: float | None = p(0.02, optional(number(0.0, 1.0)),
                                          "never load a depth whose predicted agreement (repository) is more "
                                          "than this below full depth's (null: coverage alone decides)")
-    use_offline_exits: bool = p(False, lambda v, k: _bool(v, k),
+    use_offline_exits: bool = p(False, boolean,
                                 "size the depth from the repository's exit distribution, not the live profile")
 
 
@@ -109,8 +162,8 @@ class BestStaticParams:
     models: tuple[str, ...] | None = p(None, _str_list_or_none, "models in the grid (default: all candidates)")
     depths: Any = p("auto", _int_list_or_auto, "depths ('auto': every exit layer + 1 and full depth)")
     batches: Any = p("auto", _int_list_or_auto, "batch caps ('auto': what the budget admits at each depth)")
-    max_points: int = p(12, _num(1, integer=True), "at most this many grid points (evenly thinned)")
-    search_requests: int | None = p(None, _opt(_num(1, integer=True)),
+    max_points: int = p(12, number(1, integer=True), "at most this many grid points (evenly thinned)")
+    search_requests: int | None = p(None, optional(number(1, integer=True)),
                                     "search on the first N requests only (default: the whole workload)")
 
 
@@ -118,22 +171,8 @@ class BestStaticParams:
 class RandomParams:
     """Uniformly random configurations: a floor any controller should beat."""
 
-    change_prob: float = p(0.2, _num(0.0, 1.0), "probability of drawing a new config at each decision")
+    change_prob: float = p(0.2, number(0.0, 1.0), "probability of drawing a new config at each decision")
     models: tuple[str, ...] | None = p(None, _str_list_or_none, "models to draw from (default: all candidates)")
-
-
-def _batch_mode(v: Any, key: str) -> str | int:
-    if v in ("max", "requests"):
-        return v
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
-        return v
-    raise ParamError(key, f"expected 'max', 'requests' or an integer >= 1, got {v!r}")
-
-
-def _bool(v: Any, key: str) -> bool:
-    if not isinstance(v, bool):
-        raise ParamError(key, f"expected true or false, got {v!r}")
-    return v
 
 
 PARAMS: dict[str, type] = {"static": StaticParams, "helios": HeliosParams, "best-static": BestStaticParams,
@@ -148,17 +187,10 @@ def parse_params(name: str, data: Any, where: str = "") -> Any:
         raise ParamError(where, f"unknown controller{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
                                 f"known: {sorted(PARAMS)}")
     cls = PARAMS[name]
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ParamError(where, f"expected a mapping of parameters, got {type(data).__name__}")
+    keys = Keys(data, where)
     known = {f.name: f for f in fields(cls)}
-    kw = {}
-    for key, value in data.items():
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), list(known), n=1)
-            more = f" (did you mean {hint[0]!r}?)" if hint else f"; allowed: {sorted(known)}"
-            raise ParamError(f"{where}.{key}", f"unknown parameter{more}")
-        kw[key] = known[key].metadata["conv"](value, f"{where}.{key}")
+    keys.finish(set(known))
+    kw = {k: known[k].metadata["conv"](v, keys.key(k)) for k, v in keys.data.items()}
     out = cls(**kw)
     if isinstance(out, HeliosParams) and out.breach_limit > out.breach_window:
         raise ParamError(f"{where}.breach_limit", f"must be <= breach_window ({out.breach_window}), "

@@ -152,7 +152,9 @@ class Evaluation:
                                   f"best-static grid {k + 1}: {point.model}@{point.depth} b={point.max_batch or 'max'}")
             ok = m.get("agreement", 1.0) >= sc.slo.agreement_floor
             self.grid.append({"seed": sc.seed, **asdict(point), "objective": _objective(m, sc.slo.objective),
-                              "meets_floor": ok, "tokens_per_s": m["tokens_per_s"], "agreement": m.get("agreement")})
+                              "meets_floor": ok, "agreement": m.get("agreement"),
+                              **{k: m[k] for k in ("tokens_per_s", "goodput_rps", "batch_max", "batch_cap_max",
+                                                   "resident_mean_bytes", "latency_p50", "tpot_p50")}})
             key = (ok, _objective(m, sc.slo.objective))
             if best is None or key > best[0]:
                 best = (key, point, res, m)

@@ -72,12 +72,14 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += [f"- `{k}`: {_fmt(v, '{:.3f}') if isinstance(v, float) else v}" for k, v in results["summary"].items()]
         lines.append("")
     if results.get("best_static_grid"):
-        lines += ["## best-static grid (hindsight)", "", "| seed | model | depth | batch | tok/s | agreement | floor |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## best-static grid (hindsight)", "",
+                  "| seed | model | depth | batch cap | tok/s | batch max | resident MiB | TPOT p50 | agreement | floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["best_static_grid"]:
-            lines.append(f"| {g['seed']} | {g['model']} | {g['depth']} | {g['max_batch'] or 'max'} | "
-                         f"{_fmt(g['tokens_per_s'], '{:.1f}')} | {_fmt(g['agreement'], '{:.3f}')} | "
-                         f"{'ok' if g['meets_floor'] else 'below'} |")
+            lines.append(f"| {g['seed']} | {g['model']} | {g['depth']} | {g.get('batch_cap_max', '-')} | "
+                         f"{_fmt(g['tokens_per_s'], '{:.1f}')} | {g.get('batch_max', '-')} | "
+                         f"{_fmt(g.get('resident_mean_bytes'), 'mib')} | {_fmt(g.get('tpot_p50'), '{:.3f}')} | "
+                         f"{_fmt(g['agreement'], '{:.3f}')} | {'ok' if g['meets_floor'] else 'below'} |")
         lines.append("")
     for name, log in results.get("decisions", {}).items():
         if name == "helios" and log:

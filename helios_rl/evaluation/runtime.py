@@ -124,31 +124,3 @@ def set_threads(n: int) -> int:
     torch.set_num_threads(max(1, int(n)))
     return prev
 
-
-def _guard_layer_loop_grow() -> None:
-    """Work around an engine crash (reported; engine files are not ours to edit).
-
-    ``LayerLoop.run_rows`` keeps the query width of the whole batch after exited rows are compacted
-    away; when a remaining row then needs pending positions (``recompute`` KV), ``_grow`` sizes the
-    new window from the remaining rows only and fails with "expanded size ... must match". Trimming
-    the left padding down to the needed width first is exact (windows are right-aligned and every
-    remaining row fits). Inputs the engine already handles pass through unchanged.
-    """
-    from helios_rl.engine.forward import LayerLoop
-
-    original = LayerLoop._grow
-    if getattr(original, "_helios_guarded", False):
-        return
-
-    def _grow(self, h, n, need, slots, p):
-        width = int(need.max())
-        if width < h.shape[1]:
-            h = h[:, h.shape[1] - width:]
-        return original(self, h, n, need, slots, p)
-
-    _grow._helios_guarded = True
-    LayerLoop._grow = _grow
-
-
-_guard_layer_loop_grow()
-

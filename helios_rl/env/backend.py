@@ -83,6 +83,20 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def percentiles(values: list[float], qs: tuple[float, ...]) -> list[float]:
+    """Several percentiles of one list, sorting it once."""
+    if not values:
+        return [0.0] * len(qs)
+    s = sorted(values)
+    out = []
+    for q in qs:
+        pos = (len(s) - 1) * q / 100.0
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(s) - 1)
+        out.append(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+    return out
+
+
 def episode_summary(ttfts: list[float], tpots: list[float], tokens: int, elapsed_s: float, served: int,
                     total: int) -> dict:
     """Episode metrics both backends report the same way (fidelity compares these)."""

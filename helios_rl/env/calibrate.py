@@ -118,10 +118,16 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             breaches += rec.breaches
             tokens += rec.decode_tokens
             conf_sum, conf_n = conf_sum + rec.conf_sum, conf_n + rec.conf_n
+        breach_rate = min(1.0, breaches / tokens) if tokens else 0.0
         outs = [list(engine.requests[i].output_ids) for i in ids]
+        for i in ids:  # the prefill token of each request runs every loaded layer: keep decode exits only
+            first = engine.requests[i].exit_layers[:1]
+            if first:
+                counts[first[0]] -= 1
+                tokens -= 1
         for i in ids:
             engine.release(i)
-        return outs, counts, breaches, conf_sum / conf_n if conf_n else 0.0, tokens
+        return outs, counts, breach_rate, conf_sum / conf_n if conf_n else 0.0, tokens
 
     ref, *_ = run(L, 1.0, prompts, prompts, ())  # full-depth greedy reference, no exits
     exit_stats = {}
@@ -131,7 +137,7 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             outs, counts, breaches, conf, tokens = run(d, thr, min(prompts, admissible[d - 1]), prompts, exits)
             agree = [a == b for o, r in zip(outs, ref) for a, b in zip(o, r)]
             exit_stats[f"{d}:{thr_key(thr)}"] = {
-                "p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches / tokens if tokens else 0.0,
+                "p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches,
                 "agreement": float(np.mean(agree)) if agree else 1.0, "conf": conf}
         say(f"  {name}: depth {d}/{L}: {len(thr_grid)} thresholds profiled")
     default_thr = sc.exits.threshold

@@ -167,6 +167,24 @@ class HeliosServingEnv(gym.Env):
         obs, raw = self._observe(Interval(snap))
         return obs, {"obs_raw": raw, "config": dict(cfg), "seed": self._seed}
 
+    def _check_action(self, action):
+        """The action as ints; ValueError naming the space when it is outside it."""
+        try:
+            if self.action_mode == "multi":
+                a = np.asarray(action)
+                ok = a.shape == (4,) and (a.dtype.kind in "iu" or (a.dtype.kind == "f" and np.all(a == np.round(a))))
+                vals = [int(x) for x in a.tolist()] if ok else []
+                ok = ok and all(0 <= v < n for v, n in zip(vals, self.dims))
+                out = vals
+            else:
+                ok = np.ndim(action) == 0 and float(action).is_integer() and 0 <= int(action) < self.action_space.n
+                out = int(action) if ok else None
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"action {action!r} is outside the action space {self.action_space}")
+        return out
+
     def _decode(self, action) -> tuple[dict, bool]:
         cur = self._cfg
         if self.action_mode == "flat":
@@ -174,7 +192,7 @@ class HeliosServingEnv(gym.Env):
                 return dict(cur), False
             m, d, b, t = self.tuples[int(action) - 1]
             return {"model": m, "depth": d, "batch": b, "threshold": t}, False
-        a = [int(x) for x in action]
+        a = action
         model = self.models[a[0] - 1] if a[0] else cur["model"]
         depth = self.depth_values[a[1] - 1] if a[1] else cur["depth"]
         batch = self.batch_values[a[2] - 1] if a[2] else cur["batch"]
@@ -194,10 +212,7 @@ class HeliosServingEnv(gym.Env):
     def step(self, action):
         if self._cfg is None:
             raise RuntimeError("call reset() before step()")
-        if not self.action_space.contains(np.asarray(action, dtype=np.int64) if self.action_mode == "multi"
-                                          else (int(action) if np.ndim(action) == 0 and float(action).is_integer()
-                                                else action)):
-            raise ValueError(f"action {action!r} is outside the action space {self.action_space}")
+        action = self._check_action(action)
         cfg, adjusted = self._decode(action)
         cost, rejected = 0.0, None
         if cfg != self._cfg:
@@ -217,13 +232,14 @@ class HeliosServingEnv(gym.Env):
         obs, raw = self._observe(iv)
         terminated = iv.failure is not None
         truncated = (not terminated) and (self.backend.finished or (self.horizon is not None and self.steps >= self.horizon))
-        info = {"reward_terms": terms, "obs_raw": raw, "telemetry": iv.snapshot.to_dict(), "config": dict(self._cfg),
+        telemetry = dict(iv.snapshot.__dict__)
+        telemetry["exit_counts"] = list(telemetry["exit_counts"])
+        info = {"reward_terms": terms, "obs_raw": raw, "telemetry": telemetry, "config": dict(self._cfg),
                 "adjusted": adjusted, "rejected": rejected, "switch_cost_s": cost, "agreement": iv.agreement,
                 "slo_met": iv.slo_met, "slo_missed": iv.slo_missed, "failure": iv.failure}
-        act = action.tolist() if isinstance(action, np.ndarray) else (list(action) if isinstance(action, (list, tuple))
-                                                                        else int(action))
-        self._episode.append({"step": self.steps, "action": act, "reward": reward, "terms": terms,
-                              "config": dict(self._cfg), "telemetry": info["telemetry"]})
+        if self.record_dir is not None:
+            self._episode.append({"step": self.steps, "action": action, "reward": reward, "terms": terms,
+                                  "config": dict(self._cfg), "telemetry": telemetry})
         if terminated or truncated:
             info["episode_summary"] = self.backend.summary()
             self._flush()
@@ -251,12 +267,14 @@ class HeliosServingEnv(gym.Env):
         s, slo, cfg = iv.snapshot, self.scenario.slo, self._cfg
         window = s.window_s if s.window_s > 0 else self.interval_s
         self.rate_est = 0.5 * self.rate_est + 0.5 * (s.arrivals / window) if s.steps or s.arrivals else self.rate_est
-        counts = np.asarray(s.exit_counts, dtype=float)
-        hist = np.zeros(EXIT_BUCKETS)
-        if counts.sum() > 0:
-            bucket = np.minimum((np.arange(len(counts)) * EXIT_BUCKETS) // max(len(counts), 1), EXIT_BUCKETS - 1)
-            np.add.at(hist, bucket, counts)
-            hist /= counts.sum()
+        counts = s.exit_counts
+        total = sum(counts)
+        hist = [0.0] * EXIT_BUCKETS
+        if total > 0:
+            n = len(counts)
+            for i, c in enumerate(counts):
+                if c:
+                    hist[min(i * EXIT_BUCKETS // n, EXIT_BUCKETS - 1)] += c / total
         budget = s.budget_bytes or 0
         raw = {"arrival_rate": self.rate_est, "queue": s.waiting, "running": s.running, "breach_rate": s.breach_rate,
                "confidence": s.conf_mean, "ttft_p95": s.ttft_p95, "tpot_p95": s.tpot_p95,
@@ -265,13 +283,14 @@ class HeliosServingEnv(gym.Env):
                "threshold": cfg["threshold"], "since_switch": self.backend.now - self.last_switch,
                "progress": self._served / max(self._total, 1)}
         thr = cfg["threshold"] if cfg["threshold"] is not None else self.scenario.exits.default_threshold
-        vec = ([self.rate_est / (2 * self.rate), s.waiting / self.cap, s.running / self.cap] + hist.tolist()
+        vec = ([self.rate_est / (2 * self.rate), s.waiting / self.cap, s.running / self.cap] + hist
                + [s.breach_rate, s.conf_mean, s.ttft_p95 / (2 * slo.ttft_s), s.tpot_p95 / (2 * slo.tpot_s),
                   raw["memory_headroom"], s.tokens_per_s / (2 * self.demand_tps)]
                + [1.0 if m == cfg["model"] else 0.0 for m in self.models]
                + [cfg["depth"] / self.L[cfg["model"]], cfg["batch"] / self.cap, thr,
                   raw["since_switch"] / (20 * self.interval_s), raw["progress"]])
-        obs = np.clip(np.nan_to_num(np.asarray(vec, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        # clip to [0, 1]; NaN (v != v) -> 0
+        obs = np.array([(0.0 if v != v or v < 0.0 else 1.0 if v > 1.0 else v) for v in vec], dtype=np.float32)
         return obs, raw
 
     def action_masks(self) -> np.ndarray:

@@ -51,12 +51,12 @@ class WallClock:
 class LiveBackend:
     """The real engine under control (see module docstring)."""
 
-    def __init__(self, scenario, workload, clock: str = "virtual", timing: str = "cpu", profile=None) -> None:
+    def __init__(self, scenario, workload, clock: str = "virtual", timing: str | None = None, profile=None) -> None:
         if clock not in ("virtual", "wall"):
             raise ValueError(f"clock must be 'virtual' or 'wall', got {clock!r}")
         sc = self.scenario = scenario
         self.workload, self.clock_kind = workload, clock
-        self.timer = Timer("wall" if clock == "wall" else timing)
+        self.timer = Timer("wall" if clock == "wall" else (timing or sc.backend.timing))
         self.device = resolve_device(sc.engine.device)
         elem = torch.tensor([], dtype=parse_dtype(sc.engine.dtype, self.device)).element_size()
         self.facts = {m: checkpoint_facts(m, elem).as_profile() for m in sc.models}

@@ -13,6 +13,7 @@ multinomial exit counts; ``randomize`` scales the step-time model per episode (d
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.telemetry import TelemetrySnapshot
-from helios_rl.env.backend import Interval, episode_summary, percentile
+from helios_rl.env.backend import Interval, episode_summary, percentiles
 from helios_rl.env.profile import ModelSim, SimProfile, head_evals_per_layer
 
 
@@ -38,6 +39,7 @@ class SimBackend:
         self.rng = np.random.default_rng(0)
         self.now = 0.0
         self._ms: ModelSim | None = None
+        self._derived: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------------ control
     def admissible(self, model: str, depth: int) -> int:
@@ -47,17 +49,20 @@ class SimBackend:
     def reset(self, seed: int, config: ServingConfig) -> None:
         self.rng = np.random.default_rng(seed)
         arr, ptok, newtok = self.workload(seed)
-        self.arr_t, self.ptok, self.newtok = arr, ptok, newtok
+        self.arr_t, self.ptok, self.newtok = arr.tolist(), ptok.tolist(), newtok.tolist()
         self.n_req = len(arr)
         self.next_i = 0
         self.now = 0.0
+        # Rows are kept relative to G, the number of decode steps the batch has taken: a row admitted
+        # with r tokens to go and context c at G0 has end = G0 + r and base = c - G0, so a chunk of k
+        # steps is just G += k (no per-row update); a heap of ends gives the next finish.
+        self.G = 0
+        self.running: dict[int, list] = {}  # id -> [end, base, arrival, first, ntok_off, needs_prefill]
+        self.heap: list[tuple[int, int]] = []
+        self.sum_base = 0
+        self.pre_ids: list[int] = []
         self.waiting: deque = deque()  # [rem, ctx, arrival, first, ntok]
-        self.rem = np.zeros(0, np.int64)
-        self.ctx = np.zeros(0, np.int64)
-        self.arrv = np.zeros(0)
-        self.first = np.zeros(0)
-        self.ntok = np.zeros(0, np.int64)
-        self.pre = np.zeros(0, bool)
+        self._ids = 0
         self.ttfts: list[float] = []
         self.tpots: list[float] = []
         self.tokens = 0
@@ -76,29 +81,35 @@ class SimBackend:
             raise ValueError(f"unknown model {model!r}; the profile has {sorted(self.profile.models)}")
         L = self.num_layers[model]
         depth = config.depth if config.depth is not None else (self.depth if model == self.model else L)
-        if not isinstance(depth, int) or not 1 <= depth <= L:
+        if not isinstance(depth, (int, np.integer)) or not 1 <= depth <= L:
             raise ValueError(f"depth must be between 1 and {L} for {model}, got {depth!r}")
+        depth = int(depth)
         if self.admissible(model, depth) < 1:
             raise ValueError(f"memory budget {self.budget} bytes cannot hold {model} at depth {depth} plus one "
                              f"request's KV")
         batch = config.max_batch if config.max_batch is not None else self.req_batch
-        thr = config.threshold if config.threshold is not None or config.model not in (None, self.model) \
-            else self.threshold
+        thr = config.threshold if config.threshold is not None else self.threshold
         ms = self.profile.models[model]
         cost = 0.0
         if model != self.model:
             cost = ms.load_seconds(0, depth, with_base=True)
             self.switches += 1
             self.loads += 1
-            self.pre[:] = True
+            self._all_prefill()
         elif depth > self.depth:
             cost = ms.load_seconds(self.depth, depth, with_base=False)
             self.loads += 1
-            self.pre[:] = True
+            self._all_prefill()
         cost *= self.scale
         self._set(model, depth, batch, thr)
         self.now += cost
         return cost
+
+    def _all_prefill(self) -> None:
+        for rid, row in self.running.items():
+            if not row[5]:
+                row[5] = True
+                self.pre_ids.append(rid)
 
     def _set(self, model: str, depth: int, batch: int | None, threshold: float | None) -> None:
         ms = self.profile.models[model]
@@ -106,59 +117,66 @@ class SimBackend:
         adm = self.admissible(model, depth)
         self.req_batch = batch
         self.max_batch = max(1, min(adm, batch or adm))
-        while len(self.rem) > self.max_batch:  # preempt the newest rows; they resume by re-prefill
-            i = len(self.rem) - 1
-            self.waiting.appendleft([int(self.rem[i]), int(self.ctx[i]), float(self.arrv[i]), float(self.first[i]),
-                                     int(self.ntok[i])])
-            self._keep(np.arange(len(self.rem)) < i)
-        p, self.breach_p, self.agreement, self.conf = ms.exit_stats(depth, threshold)
-        self.p = p / p.sum() if p.sum() > 0 else p
-        heads = head_evals_per_layer(ms.num_layers, depth, ms.exit_layers)
-        m = float((self.p * np.arange(1, ms.num_layers + 1)).sum())
-        h = float((self.p * heads).sum())
-        c = ms.step_coef
-        # per step: a0 + n * a1 + b * (total context); prefill adds c_prefill * tokens * depth
-        self.a0 = c["c0"] + c["c_depth"] * depth
-        self.a1 = c["c_tok"] + c["c_row_layer"] * m + c["c_head"] * h
-        self.b = c["c_ctx"] * m
-        self.c_pre = c["c_prefill"] * depth
+        while len(self.running) > self.max_batch:  # preempt the newest rows; they resume by re-prefill
+            rid = next(reversed(self.running))
+            end, base, arrival, first, off, _ = self.running.pop(rid)
+            self.sum_base -= base
+            G = self.G
+            self.waiting.appendleft([end - G, base + G, arrival, first, off + G])
+        self.pre_ids = [i for i in self.pre_ids if i in self.running]
+        key = (model, depth, threshold)
+        if key not in self._derived:
+            self._derived[key] = self._derive(ms, depth, threshold)
+        (self.p, self.breach_p, self.agreement, self.conf, self.a0, self.a1, self.a1_pre, self.b,
+         self.c_pre) = self._derived[key]
         self.weight_bytes = ms.weight_bytes[depth - 1]
         self.kv_bytes = ms.slot_bytes[depth - 1] * self.max_batch
 
-    def _keep(self, mask: np.ndarray) -> None:
-        self.rem, self.ctx, self.arrv = self.rem[mask], self.ctx[mask], self.arrv[mask]
-        self.first, self.ntok, self.pre = self.first[mask], self.ntok[mask], self.pre[mask]
+    @staticmethod
+    def _derive(ms: ModelSim, depth: int, threshold: float | None) -> tuple:
+        """Exit statistics and step-time constants of one config (cached per config)."""
+        p, breach, agreement, conf = ms.exit_stats(depth, threshold)
+        p = p / p.sum() if p.sum() > 0 else p
+        heads = head_evals_per_layer(ms.num_layers, depth, ms.exit_layers)
+        m = float((p * np.arange(1, ms.num_layers + 1)).sum())
+        h = float((p * heads).sum())
+        c = ms.step_coef
+        # per step: a0 + n * a1 + b * (total context); prefill adds c_prefill * tokens * depth, and a
+        # prefill row runs every loaded layer (a1_pre instead of a1)
+        return (p, breach, agreement, conf, c["c0"] + c["c_depth"] * depth,
+                c["c_tok"] + c["c_row_layer"] * m + c["c_head"] * h,
+                c["c_tok"] + c["c_row_layer"] * depth + c["c_head"] * float(heads[depth - 1]),
+                c["c_ctx"] * m, c["c_prefill"] * depth)
 
     # ------------------------------------------------------------------ serving
     @property
     def finished(self) -> bool:
-        return self.next_i >= self.n_req and not self.waiting and len(self.rem) == 0
+        return self.next_i >= self.n_req and not self.waiting and not self.running
 
     def _arrive(self) -> None:
-        while self.next_i < self.n_req and self.arr_t[self.next_i] <= self.now:
+        arr, now = self.arr_t, self.now
+        while self.next_i < self.n_req and arr[self.next_i] <= now:
             i = self.next_i
-            self.waiting.append([int(self.newtok[i]), int(self.ptok[i]), float(self.arr_t[i]), math.nan, 0])
+            self.waiting.append([self.newtok[i], self.ptok[i], arr[i], math.nan, 0])
             self.next_i += 1
 
     def _admit(self) -> None:
-        free = self.max_batch - len(self.rem)
-        if free <= 0 or not self.waiting:
-            return
-        budget, rows = self.max_prefill, []
-        while self.waiting and len(rows) < free:
-            r = self.waiting[0]
-            if rows and r[1] > budget:
+        free = self.max_batch - len(self.running)
+        budget, n = self.max_prefill, 0
+        G = self.G
+        while self.waiting and n < free:
+            rem, ctx, arrival, first, ntok = self.waiting[0]
+            if n and ctx > budget:
                 break
             self.waiting.popleft()
-            rows.append(r)
-            budget -= r[1]
-        a = np.array(rows, dtype=float)
-        self.rem = np.concatenate([self.rem, a[:, 0].astype(np.int64)])
-        self.ctx = np.concatenate([self.ctx, a[:, 1].astype(np.int64)])
-        self.arrv = np.concatenate([self.arrv, a[:, 2]])
-        self.first = np.concatenate([self.first, a[:, 3]])
-        self.ntok = np.concatenate([self.ntok, a[:, 4].astype(np.int64)])
-        self.pre = np.concatenate([self.pre, np.ones(len(rows), bool)])
+            budget -= ctx
+            n += 1
+            rid = self._ids
+            self._ids += 1
+            self.running[rid] = [G + rem, ctx - G, arrival, first, ntok - G, True]
+            heapq.heappush(self.heap, (G + rem, rid))
+            self.sum_base += ctx - G
+            self.pre_ids.append(rid)
 
     def _steps_for(self, dt: float, alpha: float, beta: float, s0: float, n: int) -> int:
         """Smallest k >= 1 with T(k) >= dt."""
@@ -168,74 +186,84 @@ class SimBackend:
         if a <= 0:
             return max(1, math.ceil(dt / alpha - 1e-12))
         b = alpha + beta * s0 - a
-        k = max(1, math.ceil((-b + math.sqrt(b * b + 4 * a * dt)) / (2 * a) - 1e-12))
-        return k
+        return max(1, math.ceil((-b + math.sqrt(b * b + 4 * a * dt)) / (2 * a) - 1e-12))
 
     def advance(self, seconds: float) -> Interval:
         t0 = self.prev_end
         t_end = self.now + seconds
         jitter = self.scale * (float(self.rng.lognormal(0.0, self._ms.residual_sigma))
                                if self.noise and self._ms.residual_sigma > 0 else 1.0)
-        tokens = prefill = steps = 0
+        tokens = prefill = steps = pre_tokens = 0
         busy = 0.0
         ttfts, tpots = [], []
         met = missed = finished = 0
         arrivals0 = self.next_i
         slo_ttft, slo_tpot = self.slo.ttft_s, self.slo.tpot_s
+        a0, a1, b, running, heap = self.a0, self.a1, self.b, self.running, self.heap
         while True:
-            self._arrive()
-            self._admit()
-            n = len(self.rem)
+            if self.next_i < self.n_req and self.arr_t[self.next_i] <= self.now:
+                self._arrive()
+            if self.waiting and len(running) < self.max_batch:
+                self._admit()
+            n = len(running)
             if n == 0:
                 if self.next_i >= self.n_req:
                     break
-                t_next = float(self.arr_t[self.next_i])
+                t_next = self.arr_t[self.next_i]
                 if t_next >= t_end:
                     self.now = max(self.now, t_end)
                     break
                 self.now = t_next
                 continue
-            alpha = max(1e-7, (self.a0 + self.a1 * n) * jitter)
-            beta = self.b * jitter
-            s0 = float(self.ctx.sum())
-            if self.pre.any():  # one step with prefill; every row (prefilled or not) yields a token
-                ptoks = int(self.ctx[self.pre].sum())
-                dt = alpha + beta * s0 + self.c_pre * ptoks * jitter
+            G = self.G
+            alpha = max(1e-7, (a0 + a1 * n) * jitter)
+            beta = b * jitter
+            s0 = float(self.sum_base + n * G)
+            if self.pre_ids:  # one step with prefill; every row (prefilled or not) yields a token
+                n_pre = len(self.pre_ids)
+                ptoks = 0
+                for rid in self.pre_ids:
+                    row = running[rid]
+                    ptoks += row[1] + G
+                    row[5] = False
+                    if row[3] != row[3]:  # NaN: no token yet; the engine stamps the step's start
+                        row[3] = self.now
+                self.pre_ids = []
+                dt = max(1e-7, alpha + ((self.a1_pre - a1) * n_pre + self.c_pre * ptoks) * jitter + beta * s0)
                 k = 1
                 prefill += ptoks
-                self.pre[:] = False
+                pre_tokens += n_pre
             else:
-                k = int(self.rem.min())
+                k = heap[0][0] - G
                 if self.next_i < self.n_req and n < self.max_batch:
-                    k = min(k, self._steps_for(float(self.arr_t[self.next_i]) - self.now, alpha, beta, s0, n))
+                    k = min(k, self._steps_for(self.arr_t[self.next_i] - self.now, alpha, beta, s0, n))
                 k = min(k, self._steps_for(t_end - self.now, alpha, beta, s0, n))
+                k = max(k, 1)
                 dt = k * alpha + beta * (k * s0 + n * k * (k - 1) / 2.0)
             # the engine stamps a token with its step's start time (the clock moves after the step)
             last_start = self.now + dt - (dt if k == 1 else alpha + beta * (s0 + n * (k - 1)))
-            nofirst = np.isnan(self.first)
-            if nofirst.any():
-                self.first[nofirst] = self.now
             self.now += dt
             busy += dt
             steps += k
             tokens += n * k
-            self.rem -= k
-            self.ctx += k
-            self.ntok += k
-            done = self.rem <= 0
-            if done.any():
-                for a, f, nt in zip(self.arrv[done], self.first[done], self.ntok[done]):
-                    ttft = f - a
-                    tpot = (last_start - f) / (nt - 1) if nt >= 2 else None
-                    ttfts.append(ttft)
-                    if tpot is not None:
-                        tpots.append(tpot)
-                    if ttft <= slo_ttft and (tpot is None or tpot <= slo_tpot):
-                        met += 1
-                    else:
-                        missed += 1
-                    finished += 1
-                self._keep(~done)
+            self.G = G = G + k
+            while heap and heap[0][0] <= G:
+                _, rid = heapq.heappop(heap)
+                row = running.pop(rid, None)
+                if row is None or row[0] > G:  # preempted (lazy heap entry)
+                    if row is not None:
+                        running[rid] = row
+                    continue
+                self.sum_base -= row[1]
+                first, nt = row[3], row[4] + G
+                ttft = first - row[2]
+                ttfts.append(ttft)
+                ok = ttft <= slo_ttft
+                if nt >= 2:
+                    tpot = (last_start - first) / (nt - 1)
+                    tpots.append(tpot)
+                    ok = ok and tpot <= slo_tpot
+                met, missed, finished = met + ok, missed + (not ok), finished + 1
             if self.now >= t_end:
                 break
         self._arrive()
@@ -244,30 +272,32 @@ class SimBackend:
         self.tokens += tokens
         self.served += finished
         self.prev_end = self.now
-        snap = self._snapshot(t0, tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0)
+        snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0)
         return Interval(snap, met, missed, self.agreement, busy)
 
-    def _snapshot(self, t0: float, tokens: int, prefill: int, steps: int, ttfts, tpots, finished: int,
-                  arrivals: int) -> TelemetrySnapshot:
+    def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
+                  finished: int, arrivals: int) -> TelemetrySnapshot:
         ms = self._ms
         window = max(self.now - t0, 1e-9)
-        if tokens and self.noise:
-            counts = self.rng.multinomial(tokens, self.p)
-            breaches = int(self.rng.binomial(tokens, min(1.0, max(0.0, self.breach_p))))
+        dec = tokens - pre_tokens
+        if dec and self.noise:
+            counts = self.rng.multinomial(dec, self.p)
+            breaches = int(self.rng.binomial(dec, min(1.0, max(0.0, self.breach_p))))
         else:
-            counts = np.round(self.p * tokens).astype(np.int64)
-            breaches = int(round(tokens * self.breach_p))
+            counts = np.round(self.p * dec).astype(np.int64)
+            breaches = int(round(dec * self.breach_p))
+        counts[self.depth - 1] += pre_tokens
         total = counts.sum()
+        tt, tp = percentiles(ttfts, (50, 95, 99)), percentiles(tpots, (50, 95, 99))
         return TelemetrySnapshot(
             time=self.now, window_s=window, steps=steps, model=self.model, depth=self.depth, num_layers=ms.num_layers,
-            max_batch=self.max_batch, running=len(self.rem), waiting=len(self.waiting),
-            batch_mean=tokens / steps if steps else 0.0, batch_max=len(self.rem), exit_counts=counts.tolist(),
+            max_batch=self.max_batch, running=len(self.running), waiting=len(self.waiting),
+            batch_mean=tokens / steps if steps else 0.0, batch_max=len(self.running), exit_counts=counts.tolist(),
             mean_exit_layer=float((counts * np.arange(len(counts))).sum() / total) if total else 0.0,
             greedy_exits=breaches, breaches=breaches, breach_rate=breaches / tokens if tokens else 0.0,
             conf_mean=self.conf if tokens else 0.0, output_tokens=tokens, prefill_tokens=prefill,
             tokens_per_s=tokens / window, requests_finished=finished, arrivals=arrivals,
-            ttft_p50=percentile(ttfts, 50), ttft_p95=percentile(ttfts, 95), ttft_p99=percentile(ttfts, 99),
-            tpot_p50=percentile(tpots, 50), tpot_p95=percentile(tpots, 95), tpot_p99=percentile(tpots, 99),
+            ttft_p50=tt[0], ttft_p95=tt[1], ttft_p99=tt[2], tpot_p50=tp[0], tpot_p95=tp[1], tpot_p99=tp[2],
             resident_bytes=self.weight_bytes + self.kv_bytes, weight_bytes=self.weight_bytes, kv_bytes=self.kv_bytes,
             budget_bytes=self.budget, switches=self.switches, loads=self.loads)
 
@@ -275,5 +305,4 @@ class SimBackend:
         return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, self.n_req)
 
     def close(self) -> None:
-        self.rem = self.ctx = self.first = self.arrv = self.ntok = np.zeros(0)
-        self.waiting = deque()
+        self.running, self.heap, self.waiting = {}, [], deque()

@@ -41,8 +41,8 @@ def sim_speed(scenario_path: str, sc, profile: str, seconds: float, seed: int = 
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for _ in range(200):
-            mask = env.action_masks()
-            action = np.array([rng.choice(np.flatnonzero(mask[bounds[i]:bounds[i + 1]])) for i in range(4)])
+            score = rng.random(bounds[-1]) * env.action_masks()  # uniform over allowed values per dimension
+            action = np.array([int(np.argmax(score[bounds[i]:bounds[i + 1]])) for i in range(4)])
             _, r, term, trunc, _ = env.step(action)
             steps += 1
             if term or trunc:

@@ -127,6 +127,7 @@ class HeliosServingEnv(gym.Env):
         self._episodes = 0
         self._seed = 0
         self._cfg: dict | None = None
+        self._masks: dict[tuple, np.ndarray] = {}  # (model, depth) -> mask (the budget is fixed per episode)
         self.steps = 0
 
     # ------------------------------------------------------------------ episode
@@ -298,12 +299,17 @@ class HeliosServingEnv(gym.Env):
         if self.action_mode == "flat":
             return np.ones(len(self.tuples) + 1, dtype=bool)
         cur = self._cfg or self._initial()
+        key = (cur["model"], cur["depth"])
+        cached = self._masks.get(key)
+        if cached is not None:
+            return cached.copy()
         m, adm = cur["model"], self.backend.admissible
         parts = [[True] + [adm(x, 1) >= 1 for x in self.models],
                  [True] + [d <= self.L[m] and adm(m, d) >= 1 for d in self.depth_values],
                  [True] + [b <= adm(m, cur["depth"]) for b in self.batch_values],
                  [True] * (len(self.thresholds) + 1)]
-        return np.concatenate([np.asarray(p, dtype=bool) for p in parts])
+        self._masks[key] = np.concatenate([np.asarray(p, dtype=bool) for p in parts])
+        return self._masks[key].copy()
 
     # ------------------------------------------------------------------ recording, closing
     def _flush(self) -> None:

@@ -1,0 +1,92 @@
+"""The simulator backend on a synthetic profile (no models): event-to-event timing, conservation, seeding."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from helios_rl.controllers.base import SLO
+from helios_rl.engine.config import ServingConfig
+from helios_rl.env.profile import ModelSim, SimProfile
+from helios_rl.env.sim import SimBackend
+
+COEF = {"c0": 1e-3, "c_depth": 1e-4, "c_tok": 2e-4, "c_row_layer": 5e-5, "c_head": 0.0, "c_ctx": 1e-6,
+        "c_prefill": 2e-5}
+
+
+def _profile(sigma: float = 0.0) -> SimProfile:
+    L = 4
+    p_full = [0.5, 0.0, 0.2, 0.3]
+    ms = ModelSim(name="m", config_hash="x", num_layers=L, exit_layers=[0, 2], admissible=[16, 12, 8, 4],
+                  weight_bytes=[100, 200, 300, 400], slot_bytes=[10, 20, 30, 40], step_coef=COEF,
+                  residual_sigma=sigma, load_overhead_s=1e-3, load_s_per_byte=1e-6,
+                  exits={"4:0.900": {"p": p_full, "breach": 0.0, "agreement": 1.0, "conf": 0.8},
+                         "2:0.900": {"p": [0.5, 0.5, 0.0, 0.0], "breach": 0.5, "agreement": 0.6, "conf": 0.5}})
+    return SimProfile("v", "s", "modeled", {}, {"m": ms})
+
+
+def _scenario():
+    return SimpleNamespace(models=("m",), engine=SimpleNamespace(max_prefill_tokens=4096, memory_budget_bytes=1000),
+                           slo=SLO(ttft_s=1.0, tpot_s=0.1))
+
+
+def _workload(seed: int, n: int = 40):
+    rng = np.random.default_rng(seed)
+    return (np.cumsum(rng.exponential(0.01, n)), rng.integers(4, 20, n), rng.integers(2, 12, n))
+
+
+def _episode(sim: SimBackend, seed: int, configs=()) -> tuple[list, dict]:
+    sim.reset(seed, ServingConfig(model="m", depth=4, max_batch=8, threshold=0.9))
+    out, k = [], 0
+    while not sim.finished and k < 10_000:
+        iv = sim.advance(0.02)
+        out.append((iv.snapshot.output_tokens, iv.snapshot.exit_counts, round(iv.snapshot.time, 12)))
+        if k < len(configs) and configs[k] is not None:
+            sim.apply(configs[k])
+        k += 1
+    return out, sim.summary()
+
+
+def test_steps_for_is_the_smallest_k_reaching_the_time():
+    sim = SimBackend(_profile(), _scenario(), _workload)
+    for alpha, beta, s0, n, dt in [(1e-3, 0.0, 0, 4, 0.0105), (2e-3, 1e-6, 300, 8, 0.05), (1e-3, 1e-5, 50, 3, 0.2)]:
+        k = sim._steps_for(dt, alpha, beta, s0, n)
+        T = lambda k: k * alpha + beta * (k * s0 + n * k * (k - 1) / 2)  # noqa: E731
+        assert T(k) >= dt - 1e-12 and (k == 1 or T(k - 1) < dt)
+
+
+def test_every_request_is_served_with_all_its_tokens():
+    sim = SimBackend(_profile(), _scenario(), _workload, noise=False)
+    steps, summ = _episode(sim, 0, [None, ServingConfig(depth=2), None, ServingConfig(max_batch=2),
+                                    ServingConfig(depth=4, max_batch=16)])
+    arr, _, new = _workload(0)
+    assert summ["served"] == len(arr) and summ["output_tokens"] == int(new.sum())
+    assert sum(s[0] for s in steps) == int(new.sum())
+    assert summ["ttft_p95"] > 0 and summ["tpot_p95"] > 0
+
+
+def test_unmeasured_depth_derives_exits_and_breaches_from_the_full_depth():
+    ms = _profile().models["m"]
+    p, breach, agree, _ = ms.exit_stats(3, 0.9)
+    assert p.tolist() == pytest.approx([0.5, 0.0, 0.5, 0.0]) and breach == pytest.approx(0.3)
+    assert 0.6 <= agree <= 1.0
+
+
+def test_seeded_noise_is_reproducible_and_randomisation_changes_timing():
+    a = _episode(SimBackend(_profile(0.1), _scenario(), _workload), 3)
+    b = _episode(SimBackend(_profile(0.1), _scenario(), _workload), 3)
+    assert a == b
+    c = _episode(SimBackend(_profile(0.1), _scenario(), _workload, randomize=0.5), 3)
+    assert c[1]["elapsed_s"] != a[1]["elapsed_s"]
+
+
+def test_infeasible_config_is_rejected_without_change():
+    sim = SimBackend(_profile(), _scenario(), _workload)
+    sim.reset(0, ServingConfig(model="m", depth=4, max_batch=8, threshold=0.9))
+    with pytest.raises(ValueError, match="depth must be between"):
+        sim.apply(ServingConfig(depth=9))
+    with pytest.raises(ValueError, match="unknown model"):
+        sim.apply(ServingConfig(model="other"))
+    assert sim.depth == 4 and sim.max_batch == 4  # 8 requested, the budget admits 4 at full depth

@@ -64,7 +64,7 @@ def test_check_env_passes_on_sim_and_live(tiny_scenario, tiny_profile):
     from stable_baselines3.common.env_checker import check_env as sb3_check
 
     for kind in ("sim", "live"):
-        env = HeliosServingEnv(str(tiny_scenario), backend=kind, profile=str(tiny_profile))
+        env = HeliosServingEnv(str(tiny_scenario), backend=kind, profile=str(tiny_profile), horizon=4)
         check_env(env, skip_render_check=True)
         sb3_check(env, warn=False)
         env.close()

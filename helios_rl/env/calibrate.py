@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -74,17 +76,21 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
         pts.append((m.resident_bytes(), timer.load_cost(t0, m.resident_bytes())))
         if d is not None:
             m.unload()
-    model = m
+    model = m  # fully loaded: the budget is bookkeeping, and the full-depth reference needs every layer
     (b1, s1), (b2, s2) = pts
     per_byte = max(0.0, (s2 - s1) / (b2 - b1)) if b2 > b1 else s2 / max(b2, 1)
     overhead = max(0.0, s2 - per_byte * b2)
     L = model.num_layers
     clock = VirtualClock(0.0)
-    engine = Engine(model, settings, loader=None, clock=clock)
+    # the admissible batch under the scenario's budget, computed by the engine's own rule; the runs use
+    # an engine without a budget (a depth the budget cannot hold is never run, a batch never exceeds it)
+    admissible = [int(Engine.admissible_batch(SimpleNamespace(settings=settings), d, model)) for d in range(1, L + 1)]
+    engine = Engine(model, replace(settings, memory_budget_bytes=None), loader=None, clock=clock)
     exits = exit_layers_for(model, sc.exits.layers_for(name), sc.exits.measure)
+    if not exits:  # no exit layers: the threshold changes nothing, one is enough
+        thr_grid = thr_grid[:1]
     elem = torch.tensor([], dtype=model.dtype).element_size()
     adapters = sum(p.numel() * p.element_size() for a in model.heads.adapters.values() for p in a.parameters())
-    admissible = [int(engine.admissible_batch(d)) for d in range(1, L + 1)]
     weight_bytes = [int(model.weight_bytes_at_depth(d) + adapters) for d in range(1, L + 1)]
     max_len = min(settings.max_model_len, model.max_positions)
     slot_bytes = [int(KVPool.slot_bytes(d, max_len, model.kv_bytes_per_token_layer(), model.hidden_size,

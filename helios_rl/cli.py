@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "helios_rl.commands.serve",
     "helios_rl.commands.calibrate",
     "helios_rl.commands.fidelity",
+    "helios_rl.commands.exits",
 )
 
 

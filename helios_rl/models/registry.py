@@ -42,10 +42,18 @@ def resolve_model(ref: str, progress: bool = True) -> Path:
 
 
 def load_model(ref: str, depth: int | None = None, device: str | None = None, dtype: str | None = None,
-               progress: bool = True) -> LayeredModel:
-    """Resolve ``ref`` and load it to ``depth`` layers (all when None)."""
+               progress: bool = True, heads: str = "auto") -> LayeredModel:
+    """Resolve ``ref`` and load it to ``depth`` layers (all when None).
+
+    ``heads``: ``auto`` attaches trained exit heads when the model folder has them, ``shared`` never,
+    anything else is an exit-heads folder (see :mod:`helios_rl.exits`).
+    """
+    from helios_rl.exits.heads_io import attach_heads
+
     folder = resolve_model(ref, progress=progress)
-    return LayeredModel(folder, depth=depth, device=device, dtype=dtype, name=ref if is_bundled(ref) else None)
+    model = LayeredModel(folder, depth=depth, device=device, dtype=dtype, name=ref if is_bundled(ref) else None)
+    attach_heads(model, heads)
+    return model
 
 
 def _convert_gguf(path: Path) -> Path:

@@ -63,7 +63,7 @@ def test_evaluate_end_to_end_writes_results_and_is_reproducible(tmp_path, scenar
     for name in ("static", "helios", "random", "best-static"):
         m = data["controllers"][name]
         for key in ("tokens_per_s", "requests_per_s", "goodput_rps", "ttft_p50", "ttft_p95", "ttft_p99", "tpot_p50",
-                    "tpot_p99", "batch_mean", "batch_max", "resident_mean_bytes", "energy_j", "agreement",
+                    "tpot_p99", "batch_mean", "batch_max", "resident_mean_bytes", "energy_j", "agreement", "match",
                     "perplexity", "switches", "loads"):
             assert key in m, (name, key)
         assert m["served"] == 10
@@ -90,7 +90,7 @@ def test_full_depth_without_exits_agrees_exactly_and_idle_clock_jumps(tmp_path, 
     ev = Evaluation(sc, ["static"])
     res = ev.run()
     m = res["controllers"]["static"]
-    assert m["agreement"] == 1.0 and m["scored_tokens"] == 60
+    assert m["agreement"] == 1.0 and m["match"] == 1.0 and m["scored_tokens"] == 60
     run = ev.runs[0]["static"]
     assert run.virtual_s >= max(r.arrival for r in run.requests)  # the clock jumped to each arrival
     assert m["ttft_p99"] < 0.1  # ... and nothing waited behind a busy engine

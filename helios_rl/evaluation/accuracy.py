@@ -7,6 +7,8 @@ as the engine does). Two numbers per token:
 * **agreement**: does the full model's greedy choice at that position equal the served token?
   (1.0 for full-depth greedy serving; early exits and partial loads lower it.)
 * **NLL** of the served token under the full model (perplexity = exp(mean NLL)).
+* **match** (free-running, see :class:`AccuracyScorer`): equal to the full model's own greedy
+  continuation at the same position.
 
 The pass uses the same family functions and heads as the engine (``final_logits``), so a full-depth
 greedy run scores exactly 1.0.
@@ -79,14 +81,40 @@ def score_continuation(model: LayeredModel, context: list[int], targets: list[in
     return agree, nll
 
 
-class AccuracyScorer:
-    """Scores requests' segments with full models (loaded once each, results cached by token ids)."""
+@dataclass
+class Accuracy:
+    """Token counts over scored output: teacher-forced agreement, NLL, and free-running match."""
 
-    def __init__(self, loader, max_model_len: int) -> None:
+    agree: int = 0
+    nll: float = 0.0
+    tokens: int = 0
+    match: int = 0
+
+    def __iadd__(self, other: "Accuracy") -> "Accuracy":
+        self.agree += other.agree
+        self.nll += other.nll
+        self.tokens += other.tokens
+        self.match += other.match
+        return self
+
+
+class AccuracyScorer:
+    """Scores requests' segments with full models (loaded once each, results cached by token ids).
+
+    Besides the teacher-forced numbers, :meth:`score_requests` computes the **match**: the share of
+    output tokens equal, position by position, to the full model's own greedy continuation from the
+    same starting context (free-running). Teacher forcing alone flatters degenerate output -- once a
+    partial model falls into repeating a token, the full model, fed that repetition, predicts more
+    of it -- and the match exposes that.
+    """
+
+    def __init__(self, loader, max_model_len: int, batch: int = 16) -> None:
         self.loader = loader
         self.max_len = max_model_len
+        self.batch = batch
         self.models: dict[str, LayeredModel] = {}
         self.cache: dict[tuple, tuple[int, float]] = {}
+        self.refs: dict[tuple, list[int]] = {}
         self._vocab: dict[str, dict] = {}
 
     def model(self, name: str) -> LayeredModel:
@@ -105,15 +133,14 @@ class AccuracyScorer:
                 self._vocab[n] = t.get_vocab()
         return self._vocab[a] == self._vocab[b]
 
-    def score_request(self, prompt: str | list[int], segments: list[Segment]) -> tuple[int, float, int]:
-        """(agreeing tokens, summed NLL, tokens) over a request's segments."""
-        agree = nll = n = 0
+    def contexts(self, prompt: str | list[int], segments: list[Segment]) -> list[tuple[str, list[int], list[int]]]:
+        """``(model, context ids, segment ids)`` per segment, with the context the engine had."""
         if not segments:
-            return 0, 0.0, 0
+            return []
         cur = segments[0].model
         tok = self.model(cur).tokenizer
         ctx = list(prompt) if not isinstance(prompt, str) else tok(prompt, add_special_tokens=True)["input_ids"]
-        text_before, since = "", []
+        text_before, since, out = "", [], []
         for seg in segments:
             if seg.model != cur:
                 if not self._same_tokenizer(cur, seg.model):
@@ -125,13 +152,44 @@ class AccuracyScorer:
                         ctx = ctx[-(self.max_len - 1):]
                     since = []
                 cur = seg.model
-            key = (cur, tuple(ctx), tuple(since), tuple(seg.ids))
-            if key not in self.cache:
-                self.cache[key] = score_continuation(self.model(cur), ctx + since, seg.ids)
-            a, l = self.cache[key]
-            agree, nll, n = agree + a, nll + l, n + len(seg.ids)
+            out.append((cur, ctx + since, list(seg.ids)))
             since = since + seg.ids
-        return agree, nll, n
+        return out
+
+    def _references(self, jobs: list[tuple[str, list[int], list[int]]]) -> None:
+        """Full-depth greedy continuations for every job not cached yet (batched per model)."""
+        from helios_rl.engine.config import EngineSettings
+        from helios_rl.engine.engine import Engine
+        from helios_rl.engine.request import SamplingParams
+
+        todo: dict[str, dict[tuple, int]] = {}
+        for model, ctx, ids in jobs:
+            key = (model, tuple(ctx), len(ids))
+            if key not in self.refs:
+                todo.setdefault(model, {})[key] = len(ids)
+        for model, keys in todo.items():
+            lm = self.model(model)
+            eng = Engine(lm, EngineSettings(max_batch=self.batch, max_model_len=self.max_len))
+            items = list(keys)
+            reqs = eng.generate([list(k[1]) for k in items],
+                                [SamplingParams(max_new_tokens=k[2], ignore_eos=True) for k in items])
+            for k, r in zip(items, reqs):
+                self.refs[k] = list(r.output_ids)
+            del eng
+
+    def score_requests(self, requests: list[tuple[str | list[int], list[Segment]]]) -> Accuracy:
+        """Totals over ``(prompt, segments)`` pairs (see class docstring)."""
+        jobs = [job for prompt, segs in requests for job in self.contexts(prompt, segs) if job[2]]
+        self._references(jobs)
+        acc = Accuracy()
+        for model, ctx, ids in jobs:
+            key = (model, tuple(ctx), tuple(ids))
+            if key not in self.cache:
+                self.cache[key] = score_continuation(self.model(model), ctx, ids)
+            a, l = self.cache[key]
+            ref = self.refs[(model, tuple(ctx), len(ids))]
+            acc += Accuracy(a, l, len(ids), sum(1 for x, y in zip(ids, ref) if x == y))
+        return acc
 
     def close(self) -> None:
         for m in self.models.values():

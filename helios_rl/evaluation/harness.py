@@ -126,14 +126,10 @@ class Evaluation:
                                      sc.exits.measure)
         self.scorer = AccuracyScorer(self.loader, sc.engine.max_model_len) if sc.evaluation.accuracy else None
 
-    def _score(self, res: ReplayResult) -> tuple[int, float, int] | None:
+    def _score(self, res: ReplayResult):
         if self.scorer is None:
             return None
-        agree = nll = n = 0
-        for r in res.requests:
-            a, l, k = self.scorer.score_request(r.prompt, r.segments)
-            agree, nll, n = agree + a, nll + l, n + k
-        return agree, nll, n
+        return self.scorer.score_requests([(r.prompt, r.segments) for r in res.requests])
 
     def _replay(self, sc: Scenario, ctrl, requests: list[RequestSpec], label: str) -> tuple[ReplayResult, dict]:
         self.progress(label, 0, len(requests))
@@ -152,7 +148,7 @@ class Evaluation:
                                   f"best-static grid {k + 1}: {point.model}@{point.depth} b={point.max_batch or 'max'}")
             ok = m.get("agreement", 1.0) >= sc.slo.agreement_floor
             self.grid.append({"seed": sc.seed, **asdict(point), "objective": _objective(m, sc.slo.objective),
-                              "meets_floor": ok, "agreement": m.get("agreement"),
+                              "meets_floor": ok, "agreement": m.get("agreement"), "match": m.get("match"),
                               **{k: m[k] for k in ("tokens_per_s", "goodput_rps", "batch_max", "batch_cap_max",
                                                    "resident_mean_bytes", "latency_p50", "tpot_p50")}})
             key = (ok, _objective(m, sc.slo.objective))

@@ -10,7 +10,8 @@ Times are virtual seconds (measured compute; see :mod:`.runtime`). Definitions:
   batch cap in force (what the budget admitted for the chosen config).
 * ``resident_*``: weights + KV held, time-weighted mean and peak.
 * ``agreement``: share of output tokens equal to the full model's greedy choice (teacher-forced);
-  ``perplexity``: of the output under the full model (see :mod:`.accuracy`).
+  ``perplexity``: of the output under the full model; ``match``: share of output tokens equal to
+  the full model's own greedy continuation, free-running (see :mod:`.accuracy`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from helios_rl.controllers.base import SLO
+from helios_rl.evaluation.accuracy import Accuracy
 from helios_rl.evaluation.replay import ReplayResult
 
 
@@ -28,8 +30,8 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_metrics(res: ReplayResult, slo: SLO, accuracy: tuple[int, float, int] | None = None) -> dict[str, Any]:
-    """Metrics of one replay; ``accuracy`` is (agreeing tokens, summed NLL, tokens) when scored."""
+def run_metrics(res: ReplayResult, slo: SLO, accuracy: Accuracy | None = None) -> dict[str, Any]:
+    """Metrics of one replay; ``accuracy`` when the output was scored against the full models."""
     served = [r for r in res.requests if r.error is None and r.finish is not None]
     out: dict[str, Any] = {"requests": len(res.requests), "served": len(served),
                            "rejected": sum(1 for r in res.requests if r.error is not None)}
@@ -69,9 +71,10 @@ def run_metrics(res: ReplayResult, slo: SLO, accuracy: tuple[int, float, int] | 
                         if c.sum() else float("nan"), "num_layers": int(c.size)}
     out["exits"] = exits
     if accuracy is not None:
-        agree, nll, n = accuracy
-        out.update(agreement=agree / n if n else float("nan"), perplexity=math.exp(nll / n) if n else float("nan"),
-                   scored_tokens=n)
+        n = accuracy.tokens
+        out.update(agreement=accuracy.agree / n if n else float("nan"),
+                   perplexity=math.exp(accuracy.nll / n) if n else float("nan"),
+                   match=accuracy.match / n if n else float("nan"), scored_tokens=n)
     out["wall_s"] = res.wall_s
     out["virtual_s"] = res.virtual_s
     return out
@@ -130,6 +133,7 @@ def summary(per_controller: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["helios_vs_static_memory"] = ratio(h["resident_mean_bytes"], s["resident_mean_bytes"])
     if "agreement" in h and "agreement" in s:
         out["agreement_gap"] = s["agreement"] - h["agreement"]
+        out["helios_match"], out["static_match"] = h["match"], s["match"]
     b = per_controller.get("best-static")
     if b is not None:
         out["helios_vs_best_static_throughput"] = ratio(h["tokens_per_s"], b["tokens_per_s"])

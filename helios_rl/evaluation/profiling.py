@@ -13,7 +13,9 @@ What is measured, and how (see :mod:`helios_rl.controllers.repository` for what 
   the prefill steps; layer-load time per byte from re-reading the layers.
 
 Profiles are cached in ``repository.dir`` (default: ``<cache>/repository``) under a key that covers
-the checkpoint, its exit heads, the exit rule, dtype/device/threads and the timing mode.
+the checkpoint, its exit heads, the exit rule, dtype/device/threads and the timing mode. Engine code
+changes do not invalidate a profile (HELIOS corrects the speed model live); delete the file to
+re-measure after a large engine speed-up.
 """
 
 from __future__ import annotations
@@ -52,22 +54,11 @@ def profile_key(ref: str, scenario: Scenario) -> str:
              "exits": repr(scenario.exits), "repo": repr(replace(scenario.repository, dir=None)),
              "device": scenario.engine.device, "dtype": scenario.engine.dtype, "threads": scenario.engine.threads,
              "timing": scenario.backend.timing, "max_model_len": scenario.engine.max_model_len}
-    parts["code"] = _code_hash()
     heads = scenario.exits.heads_for(ref)
     manifest = (Path(heads) if heads not in ("auto", "shared") else folder / "exit_heads") / "manifest.json"
     if heads != "shared" and manifest.exists():
         parts["heads"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _code_hash() -> str:
-    """Hash of the engine and model sources: a faster or different engine invalidates measured speeds."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for f in sorted([*(root / "engine").glob("*.py"), *(root / "models").glob("*.py")]):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def calibration_texts(scenario: Scenario, n: int) -> list[str]:

@@ -27,6 +27,7 @@ from helios_rl.env.backend import config_hash, engine_version, thr_key
 from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, head_evals_per_layer, step_features
 from helios_rl.evaluation.replay import format_prompt
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
+from helios_rl.models.layered import release_freed_memory
 from helios_rl.models.registry import resolve_model
 
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -68,18 +69,20 @@ def calibrate(scenario, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, dept
 
 def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts, new_tokens, say) -> ModelSim:
     settings = sc.engine.settings(sc.exits.measure, sc.exits.default_threshold)
-    # load costs: two timed loads (depth 1 and full) give overhead + seconds per byte
-    pts = []
-    for d in (1, None):
-        t0 = timer.start()
-        m = loader(name, d)
-        pts.append((m.resident_bytes(), timer.load_cost(t0, m.resident_bytes())))
-        if d is not None:
-            m.unload()
-    model = m  # fully loaded: the budget is bookkeeping, and the full-depth reference needs every layer
-    (b1, s1), (b2, s2) = pts
-    per_byte = max(0.0, (s2 - s1) / (b2 - b1)) if b2 > b1 else s2 / max(b2, 1)
-    overhead = max(0.0, s2 - per_byte * b2)
+    # load costs as a switch pays them: load to depth 1 with the tokenizer (the engine re-tokenizes the
+    # accepted requests), then deepen to full depth; the deepening gives seconds per byte, the rest of the
+    # first load is the switch overhead. Unloading is timed at the end.
+    t0 = timer.start()
+    model = loader(name, 1)
+    _ = model.tokenizer
+    b1 = model.resident_bytes()
+    c1 = timer.load_cost(t0, b1)
+    t0 = timer.start()
+    model.set_depth(model.num_layers)  # fully loaded: the budget is bookkeeping; the reference needs every layer
+    b2 = model.resident_bytes()
+    c2 = timer.load_cost(t0, b2 - b1)
+    per_byte = c2 / (b2 - b1) if b2 > b1 else c1 / max(b1, 1)
+    overhead = max(0.0, c1 - per_byte * b1)
     L = model.num_layers
     clock = VirtualClock(0.0)
     # the admissible batch under the scenario's budget, computed by the engine's own rule; the runs use
@@ -135,6 +138,8 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             engine.release(i)
         return outs, counts, breach_rate, conf_sum / conf_n if conf_n else 0.0, tokens
 
+    run(L, 1.0, 1, 1, ())  # warm-up (first calls allocate and dispatch slowly): not fitted
+    del X[:], y[:]
     ref, *_ = run(L, 1.0, prompts, prompts, ())  # full-depth greedy reference, no exits
     exit_stats = {}
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
@@ -153,12 +158,16 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             run(d, default_thr, bb, bb, exits)
     say(f"  {name}: batch sweep done ({len(y)} steps measured)")
     coef, sigma = _fit(np.array(X), np.array(y))
-    engine.model.unload()
     engine.pool = None
+    t0 = timer.start()
+    nbytes = engine.model.resident_bytes()
+    engine.model.unload()
+    release_freed_memory(engine.model.device)
+    unload_per_byte = timer.elapsed(t0) / max(nbytes, 1) if timer.mode != "modeled" else 0.0
     return ModelSim(name=name, config_hash=config_hash(resolve_model(name, progress=False)), num_layers=L,
                     exit_layers=[int(x) for x in exits], admissible=admissible, weight_bytes=weight_bytes,
                     slot_bytes=slot_bytes, step_coef=coef, residual_sigma=sigma, load_overhead_s=overhead,
-                    load_s_per_byte=per_byte, exits=exit_stats)
+                    load_s_per_byte=per_byte, unload_s_per_byte=unload_per_byte, exits=exit_stats)
 
 
 def _fit(X: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], float]:

@@ -61,6 +61,7 @@ class ModelSim:
     residual_sigma: float = 0.0  # relative std of measured step time around the fit
     load_overhead_s: float = 0.0
     load_s_per_byte: float = 0.0
+    unload_s_per_byte: float = 0.0  # freeing a model's weights when switching away from it
     exits: dict[str, dict] = field(default_factory=dict)  # "depth:thr" -> {p, breach, agreement, conf}
 
     def exit_stats(self, depth: int, threshold: float | None) -> tuple[np.ndarray, float, float, float]:
@@ -104,7 +105,7 @@ class ModelSim:
     def load_seconds(self, from_depth: int, to_depth: int, with_base: bool) -> float:
         base = 0 if with_base or from_depth < 1 else self.weight_bytes[from_depth - 1]
         nbytes = self.weight_bytes[to_depth - 1] - base
-        return self.load_overhead_s + max(0, nbytes) * self.load_s_per_byte
+        return (self.load_overhead_s if with_base else 0.0) + max(0, nbytes) * self.load_s_per_byte
 
 
 @dataclass

@@ -92,7 +92,8 @@ class SimBackend:
         ms = self.profile.models[model]
         cost = 0.0
         if model != self.model:
-            cost = ms.load_seconds(0, depth, with_base=True)
+            old = self._ms
+            cost = ms.load_seconds(0, depth, with_base=True) + old.unload_s_per_byte * old.weight_bytes[self.depth - 1]
             self.switches += 1
             self.loads += 1
             self._all_prefill()

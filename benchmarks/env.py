@@ -135,9 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"scenario": args.scenario, "args": vars(args), "machine": machine_info(), "git": git_revision(),
                     "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
-        SimProfile.load(profile).check(sc, profile)
+        prof = SimProfile.load(profile)
+        prof.check(sc, profile)
         result["calibration"] = {"reused": profile}
         _say(f"reusing profile {profile}")
+        if len(sc.models) > 1 and not any(m.switch_from for m in prof.models.values()):
+            from helios_rl.env.calibrate import calibrate_switches
+            from helios_rl.env.workload import EpisodeWorkload
+            from helios_rl.evaluation.replay import format_prompt
+            from helios_rl.evaluation.runtime import ModelLoader, Timer
+
+            texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]
+            calibrate_switches(sc, prof.models, ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads),
+                               Timer(sc.backend.timing), texts, _say)
+            prof.save(profile)
+            result["calibration"]["switches_added"] = True
     except ProfileError as exc:
         _say(f"calibrating ({exc})")
         t0 = time.perf_counter()

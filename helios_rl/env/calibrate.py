@@ -56,6 +56,7 @@ def calibrate(scenario, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, dept
         for name in sc.models:
             models[name] = _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts,
                                   new_tokens, say)
+        calibrate_switches(sc, models, loader, timer, texts, say)
     finally:
         set_threads(prev)
     settings = {"memory_budget_bytes": sc.engine.memory_budget_bytes, "max_batch": sc.engine.max_batch,
@@ -65,6 +66,29 @@ def calibrate(scenario, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, dept
             "thresholds": [thr_key(t) for t in thr_grid], "batches": list(batches), "prompts": prompts,
             "new_tokens": new_tokens}
     return SimProfile(engine_version(), sc.name, timer.mode, settings, models, meta)
+
+
+def calibrate_switches(sc, models: dict[str, ModelSim], loader, timer, texts, say=lambda s: None) -> None:
+    """Time real engine switches between every ordered pair of models (the engine does more than load
+    bytes: it re-tokenizes accepted requests, compares tokenizers, frees the old model); stores the
+    overhead beyond the new model's bytes in ``models[to].switch_from[from]``."""
+    settings = replace(sc.engine.settings(sc.exits.measure, sc.exits.default_threshold), memory_budget_bytes=None)
+    for a in models:
+        for b in models:
+            if a == b:
+                continue
+            engine = Engine(loader(a, 1), settings, loader=loader, clock=VirtualClock(0.0))
+            for i in range(2):
+                engine.add_request(texts[i % len(texts)], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            engine.step()
+            t0 = timer.start()
+            engine.apply(ServingConfig(model=b, depth=1, exit_layers=()))
+            nbytes = engine.model.resident_bytes()
+            cost = timer.load_cost(t0, nbytes)
+            models[b].switch_from[a] = max(0.0, cost - nbytes * models[b].load_s_per_byte)
+            engine.model.unload()
+            engine.pool = None
+            say(f"  switch {a} -> {b}: {cost:.3f} s")
 
 
 def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts, new_tokens, say) -> ModelSim:

@@ -93,7 +93,10 @@ class SimBackend:
         cost = 0.0
         if model != self.model:
             old = self._ms
-            cost = ms.load_seconds(0, depth, with_base=True) + old.unload_s_per_byte * old.weight_bytes[self.depth - 1]
+            if old.name in ms.switch_from:  # measured on the engine: everything a switch does, beyond the bytes
+                cost = ms.switch_from[old.name] + ms.weight_bytes[depth - 1] * ms.load_s_per_byte
+            else:
+                cost = ms.load_seconds(0, depth, with_base=True) + old.unload_s_per_byte * old.weight_bytes[self.depth - 1]
             self.switches += 1
             self.loads += 1
             self._all_prefill()

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         prof.check(sc, profile)
         result["calibration"] = {"reused": profile}
         _say(f"reusing profile {profile}")
-        if len(sc.models) > 1 and not any(m.switch_from for m in prof.models.values()):
+        if len(sc.models) > 1 and not all(m.switch_from and m.tokenizer_s for m in prof.models.values()):
             from helios_rl.env.calibrate import calibrate_switches
             from helios_rl.env.workload import EpisodeWorkload
             from helios_rl.evaluation.replay import format_prompt

@@ -78,6 +78,9 @@ def calibrate_switches(sc, models: dict[str, ModelSim], loader, timer, texts, sa
             if a == b:
                 continue
             engine = Engine(loader(a, 1), settings, loader=loader, clock=VirtualClock(0.0))
+            t0 = timer.start()
+            _ = engine.model.tokenizer
+            models[a].tokenizer_s = timer.elapsed(t0) if timer.mode != "modeled" else 0.0
             for i in range(2):
                 engine.add_request(texts[i % len(texts)], SamplingParams(max_new_tokens=4, ignore_eos=True))
             engine.step()

@@ -63,6 +63,7 @@ class ModelSim:
     load_s_per_byte: float = 0.0
     unload_s_per_byte: float = 0.0  # freeing a model's weights when switching away from it
     switch_from: dict[str, float] = field(default_factory=dict)  # measured engine switch overhead from model X
+    tokenizer_s: float = 0.0  # loading this model's tokenizer (a switch away loads it if no request did)
     exits: dict[str, dict] = field(default_factory=dict)  # "depth:thr" -> {p, breach, agreement, conf}
 
     def exit_stats(self, depth: int, threshold: float | None) -> tuple[np.ndarray, float, float, float]:

@@ -57,6 +57,7 @@ class SimBackend:
         # with r tokens to go and context c at G0 has end = G0 + r and base = c - G0, so a chunk of k
         # steps is just G += k (no per-row update); a heap of ends gives the next finish.
         self.G = 0
+        self.tok_loaded = False
         self.running: dict[int, list] = {}  # id -> [end, base, arrival, first, ntok_off, needs_prefill]
         self.heap: list[tuple[int, int]] = []
         self.sum_base = 0
@@ -95,6 +96,9 @@ class SimBackend:
             old = self._ms
             if old.name in ms.switch_from:  # measured on the engine: everything a switch does, beyond the bytes
                 cost = ms.switch_from[old.name] + ms.weight_bytes[depth - 1] * ms.load_s_per_byte
+                if not self.tok_loaded:  # the engine compares tokenizers: the old one loads now if no request did
+                    cost += old.tokenizer_s
+                self.tok_loaded = True
             else:
                 cost = ms.load_seconds(0, depth, with_base=True) + old.unload_s_per_byte * old.weight_bytes[self.depth - 1]
             self.switches += 1
@@ -159,6 +163,8 @@ class SimBackend:
 
     def _arrive(self) -> None:
         arr, now = self.arr_t, self.now
+        if self.next_i < self.n_req and arr[self.next_i] <= now:
+            self.tok_loaded = True  # the engine tokenizes a request on arrival
         while self.next_i < self.n_req and arr[self.next_i] <= now:
             i = self.next_i
             self.waiting.append([self.newtok[i], self.ptok[i], arr[i], math.nan, 0])

@@ -310,3 +310,14 @@ def test_exit_profile_restores_calibrated_thresholds_on_a_live_engine(tuned):
     assert prof.exit_layers == list(enabled_layers(model))
     for layer in prof.exit_layers:
         assert prof.thresholds[layer] == pytest.approx(model.heads.thresholds["max_prob"][layer])
+
+
+def test_full_vocab_logits_agree_with_subset_in_set(tuned):
+    _, model, manifest = tuned
+    layer = manifest["layers"][0]
+    h = torch.randn(3, model.hidden_size, dtype=torch.float64)
+    full = model.heads.full_vocab_logits(layer, h)
+    assert full.shape == (3, model.vocab_size)
+    ids = model.heads.vocab_ids
+    torch.testing.assert_close(full[:, ids], model.heads.logits(layer, h)[:, ids])
+    assert model.heads.extra_bytes() == ids.numel() * (8 + model.hidden_size * 8)

@@ -129,6 +129,12 @@ class TunedExitHeads(ExitHeads):
             return super().logits(layer, h)
         return self.expand(*self.subset_logits(layer, h))
 
+    def full_vocab_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The trained adapter read out on the *whole* vocabulary (one full LM head): for a forced exit
+        at a partial depth, where no deeper layer can produce an out-of-set token instead."""
+        adapter = self.adapters.get(layer)
+        return self.lm_head(adapter(h) if adapter is not None else self.final_norm(h))
+
     def extra_bytes(self) -> int:
         """Bytes held outside the adapters (the gathered LM-head rows)."""
         t = [x for x in (self.sub_weight, self.sub_bias, self.vocab_ids) if x is not None]

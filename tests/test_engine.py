@@ -394,3 +394,14 @@ def test_compacted_batch_drops_padding_of_departed_wide_windows(tiny_dirs, monke
             ref = hf(torch.tensor([toks]), use_cache=True).past_key_values
         for layer in range(6):
             torch.testing.assert_close(pool.k[layer][slot][:, :len(toks)], ref.layers[layer].keys[0])
+
+
+def test_threshold_calibrated_returns_to_the_models_calibration(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=1)
+    eng.model.heads.thresholds["max_prob"] = {1: 0.42}
+    eng.apply(ServingConfig(exit_layers=(1,), threshold=0.9))
+    assert eng._policy.thresholds[1] == 0.9
+    eng.apply(ServingConfig(threshold="calibrated"))
+    assert eng._policy.thresholds[1] == 0.42
+    with pytest.raises(ValueError, match="threshold"):
+        eng.apply(ServingConfig(threshold="nonsense"))

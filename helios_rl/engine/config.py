@@ -16,8 +16,8 @@ class ServingConfig:
     - ``model``: name of the active model.
     - ``depth``: number of loaded layers (partial load of layers 0..depth-1).
     - ``max_batch``: cap on running requests (never above what the memory budget admits).
-    - ``threshold``: one confidence threshold for every exit layer, or ``{layer: threshold}``;
-      ``None`` keeps the current (calibrated thresholds when the model has trained heads).
+    - ``threshold``: one confidence threshold for every exit layer, ``{layer: threshold}``, or
+      ``"calibrated"`` (the model's calibrated thresholds); ``None`` keeps the current one.
     - ``exit_layers``: layers (0-based) where a token may exit; ``()`` disables early exit.
     - ``measure``: confidence measure (max_prob, margin, entropy).
     """
@@ -25,7 +25,7 @@ class ServingConfig:
     model: str | None = None
     depth: int | None = None
     max_batch: int | None = None
-    threshold: float | dict[int, float] | None = None
+    threshold: float | dict[int, float] | str | None = None
     exit_layers: tuple[int, ...] | None = None
     measure: str | None = None
 

@@ -8,6 +8,7 @@ active model, loaded depth, thresholds or batch cap between steps without losing
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import deque
@@ -165,7 +166,7 @@ class Engine:
             if not 0 <= layer < model.num_layers:
                 raise ValueError(f"exit layer {layer} is outside {model.name}'s 0..{model.num_layers - 1}")
         thr = cfg.threshold
-        vals = thr.values() if isinstance(thr, dict) else ([] if thr is None else [thr])
+        vals = thr.values() if isinstance(thr, dict) else ([] if thr in (None, "calibrated") else [thr])
         for v in vals:
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"threshold must be in [0, 1], got {v!r}")
@@ -215,7 +216,9 @@ class Engine:
         calibrated = model.heads.thresholds.get(cfg.measure, {})
         thr: dict[int, float] = {}
         for layer in range(model.num_layers):
-            if isinstance(cfg.threshold, dict):
+            if cfg.threshold == "calibrated":
+                thr[layer] = float(calibrated.get(layer, self.settings.default_threshold))
+            elif isinstance(cfg.threshold, dict):
                 thr[layer] = float(cfg.threshold.get(layer, cfg.threshold.get(str(layer), 1.1)))
             elif cfg.threshold is not None:
                 thr[layer] = float(cfg.threshold)
@@ -447,9 +450,20 @@ class Engine:
 
 
 def _same_tokenizer(a: LayeredModel, b: LayeredModel) -> bool:
+    """Whether token ids carry over unchanged: same tokenizer files (cheap) or, failing that, same vocab."""
+    fa, fb = a.path / "tokenizer.json", b.path / "tokenizer.json"
+    if fa.exists() and fb.exists():
+        return _file_digest(fa) == _file_digest(fb)
     ta, tb = a.tokenizer, b.tokenizer
     if ta is None and tb is None:
         return a.vocab_size == b.vocab_size
     if ta is None or tb is None:
         return False
     return ta.get_vocab() == tb.get_vocab()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -236,3 +236,14 @@ def test_helios_does_not_shortlist_a_candidate_the_budget_keeps_too_shallow():
     ctx = context(a, shallow)
     assert 1 <= shallow.max_feasible_depth(ctx.memory) < 12
     assert HeliosController(ctx, HeliosParams()).shortlist == ["a"]
+
+
+def test_helios_skips_a_profile_config_that_never_takes_effect():
+    ctrl = HeliosController(context(profile("a"), profile("b")), HeliosParams())
+    first = ctrl.decide(TelemetrySnapshot())
+    assert first.model == "a"
+    out = None
+    for _ in range(3):  # the engine keeps serving something else (e.g. it rejected the config)
+        out = ctrl.decide(snap("b", 4))
+    assert out is not None and out.model == "b" and ctrl.phase == "profile:b"
+    assert ctrl.log[-2]["event"] == "profile-skipped"

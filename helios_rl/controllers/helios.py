@@ -112,6 +112,7 @@ class HeliosController(Controller):
         self.prefill_tokens = 0
         self.started = 0
         self.window: deque[tuple[int, int]] = deque()
+        self._stale = 0  # consecutive snapshots in which the profiled config was not in force
         self._first = True
 
     # ----- offline shortlist ------------------------------------------------------------------
@@ -221,6 +222,13 @@ class HeliosController(Controller):
         lp = self.profiling
         if s.model == lp.model and s.depth == lp.depth and s.steps:
             lp.add(s, self._predicted_seconds(lp.model, lp.depth, s))
+            self._stale = 0
+        elif s.steps:
+            self._stale += 1
+            if self._stale >= 3:  # the profile config never took effect (rejected by the engine): skip it
+                self.note("profile-skipped", model=lp.model, depth=lp.depth, serving=f"{s.model}@{s.depth}")
+                self._stale = 0
+                return self._next_profile()
         # done when profile_requests requests finished *and* the candidate itself produced as many
         # tokens as that many requests carry (requests begun on the previous model finish early)
         per_request = self.total_tokens / self.total_finished if self.total_finished else 0.0

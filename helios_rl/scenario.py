@@ -253,6 +253,19 @@ class Scenario:
         return replace(self, workload=replace(self.workload, arrival=arrival, prompt_tokens=None))
 
 
+DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.yaml"
+
+
+def load_scenario(ref: "str | Path | Scenario | None") -> Scenario:
+    """A scenario from a YAML path, an already loaded :class:`Scenario`, or ``None`` / ``"default"``
+    for the embedded default (``helios_rl/scenarios/default.yaml``)."""
+    if isinstance(ref, Scenario):
+        return ref
+    if ref is None or str(ref) == "default":
+        return Scenario.from_yaml(DEFAULT_SCENARIO)
+    return Scenario.from_yaml(ref)
+
+
 # ----------------------------------------------------------------------------- building
 def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
     r = Keys(data, "")

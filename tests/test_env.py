@@ -163,8 +163,20 @@ def test_bad_inputs_give_clear_errors(tiny_scenario, tiny_profile, tmp_path):
     other.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="config hash"):
         HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
-    with pytest.raises(ValueError, match="needs profile"):
-        HeliosServingEnv(str(tiny_scenario), backend="sim")
+
+
+def test_sim_without_a_profile_calibrates_once_and_reuses_the_cached_one(tiny_scenario, tmp_path, monkeypatch):
+    from helios_rl.env.profile import default_profile_path
+
+    monkeypatch.setenv("HELIOS_RL_CACHE", str(tmp_path))
+    env = HeliosServingEnv(str(tiny_scenario), backend="sim")
+    path = default_profile_path(env.scenario)
+    assert path.exists() and str(tmp_path) in str(path) and env.kwargs["profile"] == str(path)
+    stamp = path.stat().st_mtime_ns
+    env2 = HeliosServingEnv(str(tiny_scenario), backend="sim")
+    assert path.stat().st_mtime_ns == stamp  # reused, not recalibrated
+    obs, _ = env2.reset(seed=1)
+    assert env2.observation_space.contains(obs)
 
 
 def test_masks_forbid_batches_the_budget_cannot_hold(tiny_scenario, tiny_profile):

@@ -46,6 +46,7 @@ class Interval:
     agreement: float | None = None  # predicted agreement with full-depth output of the config in force
     busy_s: float = 0.0  # seconds the engine computed (energy estimate)
     failure: str | None = None  # a real serving failure (terminates the episode)
+    slo_met_tokens: int = 0  # output tokens of the requests counted in ``slo_met`` (goodput)
     extra: dict = field(default_factory=dict)
 
 

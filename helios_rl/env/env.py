@@ -18,7 +18,7 @@ threshold) tuple plus 0 = keep, for algorithms without masking (DQN).
 
 from __future__ import annotations
 
-import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ from gymnasium import spaces
 
 from helios_rl.engine.config import ServingConfig
 from helios_rl.env.backend import Interval
+from helios_rl.env.spaces import DEFAULT_THRESHOLDS, EXIT_BUCKETS, ActionCodec, ObservationBuilder, build_spec  # noqa: F401
 
-DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_WEIGHTS = {"breach": 0.5, "agreement": 1.0, "slo": 0.5, "switch": 0.5, "adjusted": 0.05, "failure": 10.0}
-EXIT_BUCKETS = 4
+HELDOUT_SEED_BASE = 1_000_000  # training draws workload seeds below this; evaluation uses seeds from it on
 ENV_OBJECTIVES = ("throughput", "goodput", "latency", "energy")
 
 
@@ -39,9 +39,12 @@ class HeliosServingEnv(gym.Env):
     """Adaptive early-exit serving as an MDP (see module docstring).
 
     Args:
-        scenario: a scenario YAML path (or a loaded :class:`~helios_rl.scenario.Scenario`).
+        scenario: a scenario YAML path, a loaded :class:`~helios_rl.scenario.Scenario`, or None for the
+            embedded default (``helios_rl/scenarios/default.yaml``).
         backend: ``sim`` (needs ``profile``) or ``live`` (default: the scenario's ``backend.kind``).
-        profile: simulator profile JSON from ``helios-rl calibrate``.
+        profile: simulator profile JSON from ``helios-rl calibrate``; ``"auto"`` (default) uses the scenario's
+            cached profile and calibrates it on the live engine first when there is none (sim backend); the
+            live backend uses a profile only for its predicted agreement.
         interval_s: control interval (default ``backend.interval_s``); horizon: steps before truncation.
         objective: throughput / goodput / latency / energy (default: the scenario's SLO objective).
         reward_weights: penalty weights over :data:`DEFAULT_WEIGHTS`.
@@ -52,21 +55,21 @@ class HeliosServingEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, scenario: Any, backend: str | None = None, profile: str | None = None,
+    def __init__(self, scenario: Any = None, backend: str | None = None, profile: str | None = "auto",
                  interval_s: float | None = None, horizon: int | None = None, objective: str | None = None,
                  reward_weights: dict | None = None, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
                  depth_buckets: int = 4, action_mode: str = "multi", noise: bool = True, randomize: float = 0.0,
                  clock: str | None = None, timing: str | None = None, record: str | None = None) -> None:
-        from helios_rl.scenario import Scenario
+        from helios_rl.scenario import Scenario, load_scenario
 
         self.kwargs = {k: v for k, v in dict(backend=backend, profile=profile, interval_s=interval_s, horizon=horizon,
                                              objective=objective, reward_weights=reward_weights,
                                              thresholds=list(thresholds), depth_buckets=depth_buckets,
                                              action_mode=action_mode, noise=noise, randomize=randomize, clock=clock,
                                              timing=timing).items() if v is not None}
-        self.scenario = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
+        self.scenario = load_scenario(scenario)
         sc = self.scenario
-        self.scenario_path = str(scenario) if not isinstance(scenario, Scenario) else sc.path
+        self.scenario_path = sc.path if isinstance(scenario, Scenario) or scenario is None else str(scenario)
         kind = backend or sc.backend.kind
         if kind not in ("sim", "live"):
             raise ValueError(f"backend must be 'sim' or 'live', got {kind!r}")
@@ -89,9 +92,11 @@ class HeliosServingEnv(gym.Env):
             from helios_rl.env.profile import SimProfile
             from helios_rl.env.sim import SimBackend
 
-            if profile is None:
-                raise ValueError("the sim backend needs profile=PATH (write one with `helios-rl calibrate "
-                                 f"{self.scenario_path} --out PROFILE.json`)")
+            if profile in (None, "auto"):  # the scenario's cached profile, calibrated on the live engine once
+                from helios_rl.env.profile import ensure_profile
+
+                profile = str(ensure_profile(sc, say=lambda m: print(m, file=sys.stderr, flush=True)))
+                self.kwargs["profile"] = profile
             prof = SimProfile.load(profile)
             prof.check(sc, str(profile))
             self.backend = SimBackend(prof, sc, self.workload, noise=noise, randomize=randomize)
@@ -99,64 +104,65 @@ class HeliosServingEnv(gym.Env):
             from helios_rl.env.live import LiveBackend
 
             self.backend = LiveBackend(sc, self.workload, clock=clock or sc.backend.clock,
-                                       timing=timing or sc.backend.timing, profile=profile)
+                                       timing=timing or sc.backend.timing,
+                                       profile=None if profile == "auto" else profile)
         self.models = tuple(sc.models)
         self.L = {m: self.backend.num_layers[m] for m in self.models}
-        self.depth_values = sorted({max(1, math.ceil(f * L)) for L in self.L.values()
-                                    for f in np.linspace(1 / depth_buckets, 1.0, depth_buckets)})
-        cap = sc.engine.max_batch
-        self.batch_values = sorted({2 ** i for i in range(int(math.log2(cap)) + 1)} | {cap})
-        self.thresholds = tuple(float(t) for t in thresholds)
-        self.cap = cap
-        dims = [len(self.models) + 1, len(self.depth_values) + 1, len(self.batch_values) + 1, len(self.thresholds) + 1]
-        self.dims = dims
-        self.tuples = [(m, d, b, t) for m in self.models for d in self.depth_values if d <= self.L[m]
-                       and self.backend.admissible(m, d) >= 1 for b in self.batch_values
-                       if b <= self.backend.admissible(m, d) for t in self.thresholds]
-        if not self.tuples:
+        self.cap = sc.engine.max_batch
+        # normalisers: the scenario's nominal trace (its own seed), the same every episode, so a policy
+        # deployed elsewhere (controllers.policy) sees observations on the scale it was trained on
+        rate, new_tokens = self.workload.rates(0)
+        norm = {"rate": rate, "demand_tps": max(rate * new_tokens, 1e-9), "ttft_s": sc.slo.ttft_s,
+                "tpot_s": sc.slo.tpot_s, "interval_s": self.interval_s}
+        self.space_spec = build_spec(self.models, self.L, self.cap, self.backend.admissible, thresholds, depth_buckets,
+                               action_mode, norm)
+        self.codec = ActionCodec(self.space_spec, self.backend.admissible)
+        self.observer = ObservationBuilder(self.space_spec, sc.exits.default_threshold)
+        self.depth_values, self.batch_values = self.space_spec.depth_values, self.space_spec.batch_values
+        self.thresholds = tuple(self.space_spec.thresholds)
+        self.dims = self.codec.dims
+        self.tuples = [tuple(t) for t in self.space_spec.tuples]
+        if action_mode == "flat" and not self.tuples or not any(self.backend.admissible(m, 1) >= 1 for m in self.models):
             raise ValueError(f"{self.scenario_path}: no (model, depth, batch) fits the memory budget")
-        self.action_space = spaces.MultiDiscrete(dims) if action_mode == "multi" else spaces.Discrete(len(self.tuples) + 1)
-        self.obs_names = (["arrival_rate", "queue", "running"] + [f"exit_q{i}" for i in range(EXIT_BUCKETS)]
-                          + ["breach_rate", "confidence", "ttft_p95_slo", "tpot_p95_slo", "memory_headroom",
-                             "tokens_per_s"] + [f"model_{m}" for m in self.models]
-                          + ["depth", "batch", "threshold", "since_switch", "progress"])
+        self.action_space = spaces.MultiDiscrete(self.dims) if action_mode == "multi" else spaces.Discrete(self.codec.n_flat)
+        self.obs_names = list(self.space_spec.obs_names)
         n = len(self.obs_names)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
         self.record_dir = Path(record) if record else None
         self._episode: list[dict] = []
         self._episodes = 0
         self._seed = 0
+        self._started = False
         self._cfg: dict | None = None
-        self._masks: dict[tuple, np.ndarray] = {}  # (model, depth) -> mask (the budget is fixed per episode)
         self.steps = 0
 
     # ------------------------------------------------------------------ episode
     def _initial(self) -> dict:
-        sc = self.scenario
-        st = sc.controllers.get("static")
-        model = (st.model if st is not None and st.model else None) or self.models[0]
-        if self.backend.admissible(model, 1) < 1:
-            model = next(m for m in self.models if self.backend.admissible(m, 1) >= 1)
-        depth = (st.depth if st is not None and st.depth else None) or self.L[model]
-        while depth > 1 and self.backend.admissible(model, depth) < 1:
-            depth -= 1
-        return {"model": model, "depth": depth, "batch": self.backend.admissible(model, depth),
-                "threshold": sc.exits.threshold}
+        return initial_config(self.scenario, self.models, self.L, self.backend.admissible)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode. ``seed`` fixes the workload (trace, prompts, lengths) and the simulator's
+        noise; without it the next workload seed is drawn from the environment's RNG (itself seeded by
+        the first seeded reset), so training sees a new trace every episode, reproducibly. Training
+        draws seeds below :data:`HELDOUT_SEED_BASE`; evaluation (``helios-rl compare``) uses seeds from it
+        on, so its workloads are held out. ``options={"config": {...}}`` starts from a given config
+        (model, depth, batch, threshold) instead of the scenario's static default."""
         super().reset(seed=seed)
         if seed is not None:
             self._seed = int(seed)
+        elif self._started:
+            self._seed = int(self.np_random.integers(0, HELDOUT_SEED_BASE))
+        self._started = True
         self._flush()
         cfg = self._initial()
+        if options and options.get("config"):
+            cfg = {**cfg, **options["config"]}
         self.backend.reset(self._seed, ServingConfig(model=cfg["model"], depth=cfg["depth"], max_batch=cfg["batch"],
                                                      threshold=cfg["threshold"]))
         self._cfg = cfg
-        self.rate, self.new_tokens = self.workload.rates(self._seed)
-        self.demand_tps = max(self.rate * self.new_tokens, 1e-9)
         self.steps = 0
         self.last_switch = 0.0
-        self.rate_est = self.rate
+        self.observer.reset()
         self._total = len(self.workload.arrays(self._seed)[0])
         self._served = 0
         self._episode = [{"header": True, "scenario": self.scenario_path, "backend": self.kind, "seed": self._seed,
@@ -170,51 +176,47 @@ class HeliosServingEnv(gym.Env):
 
     def _check_action(self, action):
         """The action as ints; ValueError naming the space when it is outside it."""
-        try:
-            if self.action_mode == "multi":
-                a = np.asarray(action)
-                ok = a.shape == (4,) and (a.dtype.kind in "iu" or (a.dtype.kind == "f" and np.all(a == np.round(a))))
-                vals = [int(x) for x in a.tolist()] if ok else []
-                ok = ok and all(0 <= v < n for v, n in zip(vals, self.dims))
-                out = vals
-            else:
-                ok = np.ndim(action) == 0 and float(action).is_integer() and 0 <= int(action) < self.action_space.n
-                out = int(action) if ok else None
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"action {action!r} is outside the action space {self.action_space}")
-        return out
+        return self.codec.check(action)
 
     def _decode(self, action) -> tuple[dict, bool]:
-        cur = self._cfg
-        if self.action_mode == "flat":
-            if int(action) == 0:
-                return dict(cur), False
-            m, d, b, t = self.tuples[int(action) - 1]
-            return {"model": m, "depth": d, "batch": b, "threshold": t}, False
-        a = action
-        model = self.models[a[0] - 1] if a[0] else cur["model"]
-        depth = self.depth_values[a[1] - 1] if a[1] else cur["depth"]
-        batch = self.batch_values[a[2] - 1] if a[2] else cur["batch"]
-        thr = self.thresholds[a[3] - 1] if a[3] else cur["threshold"]
-        adjusted = False
-        if depth > self.L[model]:
-            depth, adjusted = self.L[model], True
-        while depth > 1 and self.backend.admissible(model, depth) < 1:
-            depth, adjusted = depth - 1, True
-        adm = self.backend.admissible(model, depth)
-        if adm < 1:
-            return dict(cur), True
-        if batch > adm:
-            batch, adjusted = adm, True
-        return {"model": model, "depth": depth, "batch": batch, "threshold": thr}, adjusted
+        return self.codec.decode(action, self._cfg)
 
     def step(self, action):
         if self._cfg is None:
             raise RuntimeError("call reset() before step()")
         action = self._check_action(action)
         cfg, adjusted = self._decode(action)
+        return self._transition(cfg, adjusted, action)
+
+    def step_config(self, config: ServingConfig | None):
+        """One step under a controller's decision instead of an action (None keeps the config).
+
+        Fields the config leaves None keep their current value; a model change without a depth loads
+        the new model at full depth (clamped to the budget, as actions are). Rewards and info are those
+        of :meth:`step`, so baselines and policies are scored by the same function."""
+        if self._cfg is None:
+            raise RuntimeError("call reset() before step_config()")
+        cur, adjusted = self._cfg, False
+        if config is None:
+            return self._transition(dict(cur), False, None)
+        model = config.model or cur["model"]
+        if model not in self.L:
+            raise ValueError(f"unknown model {model!r}; the scenario's models are {list(self.models)}")
+        depth = config.depth if config.depth is not None else (cur["depth"] if model == cur["model"] else self.L[model])
+        depth = min(int(depth), self.L[model])
+        while depth > 1 and self.backend.admissible(model, depth) < 1:
+            depth, adjusted = depth - 1, True
+        adm = self.backend.admissible(model, depth)
+        if adm < 1:
+            return self._transition(dict(cur), True, None)
+        batch = config.max_batch if config.max_batch is not None else (cur["batch"] if model == cur["model"] else adm)
+        batch = int(min(batch, adm))
+        thr = cur["threshold"] if config.threshold is None else config.threshold
+        if thr == "calibrated":
+            thr = None
+        return self._transition({"model": model, "depth": depth, "batch": batch, "threshold": thr}, adjusted, None)
+
+    def _transition(self, cfg: dict, adjusted: bool, action):
         cost, rejected = 0.0, None
         if cfg != self._cfg:
             try:
@@ -235,9 +237,11 @@ class HeliosServingEnv(gym.Env):
         truncated = (not terminated) and (self.backend.finished or (self.horizon is not None and self.steps >= self.horizon))
         telemetry = dict(iv.snapshot.__dict__)
         telemetry["exit_counts"] = list(telemetry["exit_counts"])
+        floor = self.scenario.slo.agreement_floor
+        good = iv.slo_met_tokens if (iv.agreement is None or iv.agreement >= floor) else 0
         info = {"reward_terms": terms, "obs_raw": raw, "telemetry": telemetry, "config": dict(self._cfg),
                 "adjusted": adjusted, "rejected": rejected, "switch_cost_s": cost, "agreement": iv.agreement,
-                "slo_met": iv.slo_met, "slo_missed": iv.slo_missed, "failure": iv.failure}
+                "slo_met": iv.slo_met, "slo_missed": iv.slo_missed, "goodput_tokens": good, "failure": iv.failure}
         if self.record_dir is not None:
             self._episode.append({"step": self.steps, "action": action, "reward": reward, "terms": terms,
                                   "config": dict(self._cfg), "telemetry": telemetry})
@@ -249,14 +253,17 @@ class HeliosServingEnv(gym.Env):
     # ------------------------------------------------------------------ reward, observation, masks
     def _reward(self, iv: Interval, cost: float, adjusted: bool) -> dict[str, float]:
         s, w, dt = iv.snapshot, self.weights, self.interval_s
+        norm = self.space_spec.norm
         if self.objective == "throughput":
-            obj = s.output_tokens / dt / self.demand_tps
+            obj = s.output_tokens / dt / norm["demand_tps"]
         elif self.objective == "goodput":
-            obj = iv.slo_met / dt / self.rate
+            floor = self.scenario.slo.agreement_floor
+            good = iv.slo_met_tokens if (iv.agreement is None or iv.agreement >= floor) else 0
+            obj = good / dt / norm["demand_tps"]
         elif self.objective == "latency":
             obj = -(s.ttft_p95 / self.scenario.slo.ttft_s) if s.requests_finished else 0.0
         else:  # energy: tokens per busy second, relative to the demand
-            obj = (s.output_tokens / max(iv.busy_s, 1e-9) / self.demand_tps) if s.output_tokens else 0.0
+            obj = (s.output_tokens / max(iv.busy_s, 1e-9) / norm["demand_tps"]) if s.output_tokens else 0.0
         done = iv.slo_met + iv.slo_missed
         return {"objective": float(obj), "breach": -w["breach"] * float(s.breach_rate),
                 "agreement": -w["agreement"] * (1.0 - iv.agreement) if iv.agreement is not None else 0.0,
@@ -265,51 +272,13 @@ class HeliosServingEnv(gym.Env):
                 "failure": -w["failure"] if iv.failure is not None else 0.0}
 
     def _observe(self, iv: Interval) -> tuple[np.ndarray, dict]:
-        s, slo, cfg = iv.snapshot, self.scenario.slo, self._cfg
-        window = s.window_s if s.window_s > 0 else self.interval_s
-        self.rate_est = 0.5 * self.rate_est + 0.5 * (s.arrivals / window) if s.steps or s.arrivals else self.rate_est
-        counts = s.exit_counts
-        total = sum(counts)
-        hist = [0.0] * EXIT_BUCKETS
-        if total > 0:
-            n = len(counts)
-            for i, c in enumerate(counts):
-                if c:
-                    hist[min(i * EXIT_BUCKETS // n, EXIT_BUCKETS - 1)] += c / total
-        budget = s.budget_bytes or 0
-        raw = {"arrival_rate": self.rate_est, "queue": s.waiting, "running": s.running, "breach_rate": s.breach_rate,
-               "confidence": s.conf_mean, "ttft_p95": s.ttft_p95, "tpot_p95": s.tpot_p95,
-               "memory_headroom": (budget - s.resident_bytes) / budget if budget else 1.0,
-               "tokens_per_s": s.tokens_per_s, "model": cfg["model"], "depth": cfg["depth"], "batch": cfg["batch"],
-               "threshold": cfg["threshold"], "since_switch": self.backend.now - self.last_switch,
-               "progress": self._served / max(self._total, 1)}
-        thr = cfg["threshold"] if cfg["threshold"] is not None else self.scenario.exits.default_threshold
-        vec = ([self.rate_est / (2 * self.rate), s.waiting / self.cap, s.running / self.cap] + hist
-               + [s.breach_rate, s.conf_mean, s.ttft_p95 / (2 * slo.ttft_s), s.tpot_p95 / (2 * slo.tpot_s),
-                  raw["memory_headroom"], s.tokens_per_s / (2 * self.demand_tps)]
-               + [1.0 if m == cfg["model"] else 0.0 for m in self.models]
-               + [cfg["depth"] / self.L[cfg["model"]], cfg["batch"] / self.cap, thr,
-                  raw["since_switch"] / (20 * self.interval_s), raw["progress"]])
-        # clip to [0, 1]; NaN (v != v) -> 0
-        obs = np.array([(0.0 if v != v or v < 0.0 else 1.0 if v > 1.0 else v) for v in vec], dtype=np.float32)
+        obs, raw = self.observer(iv.snapshot, self._cfg, self.backend.now - self.last_switch)
+        raw["progress"] = self._served / max(self._total, 1)
         return obs, raw
 
     def action_masks(self) -> np.ndarray:
         """Flat bool mask (MaskablePPO convention: the dimensions' masks concatenated)."""
-        if self.action_mode == "flat":
-            return np.ones(len(self.tuples) + 1, dtype=bool)
-        cur = self._cfg or self._initial()
-        key = (cur["model"], cur["depth"])
-        cached = self._masks.get(key)
-        if cached is not None:
-            return cached.copy()
-        m, adm = cur["model"], self.backend.admissible
-        parts = [[True] + [adm(x, 1) >= 1 for x in self.models],
-                 [True] + [d <= self.L[m] and adm(m, d) >= 1 for d in self.depth_values],
-                 [True] + [b <= adm(m, cur["depth"]) for b in self.batch_values],
-                 [True] * (len(self.thresholds) + 1)]
-        self._masks[key] = np.concatenate([np.asarray(p, dtype=bool) for p in parts])
-        return self._masks[key].copy()
+        return self.codec.masks(self._cfg or self._initial())
 
     # ------------------------------------------------------------------ recording, closing
     def _flush(self) -> None:
@@ -326,3 +295,16 @@ class HeliosServingEnv(gym.Env):
         if getattr(self, "backend", None) is not None:
             self.backend.close()
         super().close()
+
+
+def initial_config(scenario, models, num_layers: dict, admissible) -> dict:
+    """The episode's first config: the static baseline's model and depth (or the first model that
+    fits, at the deepest depth that fits), the batch the budget admits, the scenario's threshold."""
+    st = scenario.controllers.get("static")
+    model = (st.model if st is not None and st.model else None) or models[0]
+    if admissible(model, 1) < 1:
+        model = next(m for m in models if admissible(m, 1) >= 1)
+    depth = (st.depth if st is not None and st.depth else None) or num_layers[model]
+    while depth > 1 and admissible(model, depth) < 1:
+        depth -= 1
+    return {"model": model, "depth": depth, "batch": admissible(model, depth), "threshold": scenario.exits.threshold}

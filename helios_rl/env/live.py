@@ -179,7 +179,7 @@ class LiveBackend:
         snap = eng.snapshot(since=self.prev_end)
         self.prev_end = clock.now
         self.now = clock.now
-        met = missed = 0
+        met = missed = met_tokens = 0
         recs = eng.telemetry.requests
         new = list(recs)[self.n_records - len(recs):] if self.n_records < len(recs) else []
         self.n_records = len(recs)
@@ -191,6 +191,7 @@ class LiveBackend:
                 self.tpots.append(r.tpot)
             ok = r.ttft is not None and r.ttft <= slo.ttft_s and (r.tpot is None or r.tpot <= slo.tpot_s)
             met, missed = met + ok, missed + (not ok)
+            met_tokens += r.output_tokens if ok else 0
         self.served += len(new)
         self.tokens += snap.output_tokens
         for r in new:
@@ -198,7 +199,7 @@ class LiveBackend:
         agreement = None
         if self.sim_profile is not None and snap.model in self.sim_profile.models:
             agreement = self.sim_profile.models[snap.model].exit_stats(snap.depth, eng.config.threshold)[2]
-        return Interval(snap, met, missed, agreement, busy, failure)
+        return Interval(snap, met, missed, agreement, busy, failure, slo_met_tokens=met_tokens)
 
     def summary(self) -> dict:
         return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending))

@@ -168,3 +168,39 @@ class SimProfile:
             raise ProfileError(f"{where}: measured with memory budget {self.settings.get('memory_budget_bytes')} and "
                                f"max_batch {self.settings.get('max_batch')}; the scenario has {budget} and "
                                f"{scenario.engine.max_batch}")
+
+
+def default_profile_path(scenario) -> Path:
+    """Where ``helios-rl calibrate`` keeps the profile of ``scenario`` when no ``--out`` is given: the
+    cache, keyed by the scenario's name and a hash of its file (or its dict form)."""
+    import hashlib
+
+    from helios_rl.utils.paths import cache_dir
+
+    src = Path(scenario.path) if scenario.path and scenario.path != "<dict>" else None
+    text = src.read_bytes() if src is not None and src.exists() else repr(scenario).encode()
+    key = hashlib.sha256(text).hexdigest()[:12]
+    folder = cache_dir() / "profiles"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{scenario.name}-{key}.json"
+
+
+def ensure_profile(scenario, say=lambda s: None, **calibrate_kwargs) -> Path:
+    """The cached profile of ``scenario``, calibrated now (once, under a file lock) when missing or
+    stale (another engine version or model)."""
+    import fcntl
+
+    path = default_profile_path(scenario)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                SimProfile.load(path).check(scenario, str(path))
+                return path
+            except ProfileError as exc:
+                say(f"recalibrating: {exc}")
+        from helios_rl.env.calibrate import calibrate
+
+        say(f"calibrating the simulator for {scenario.name} (once; cached in {path})")
+        calibrate(scenario, say=say, **calibrate_kwargs).save(path)
+    return path

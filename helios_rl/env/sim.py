@@ -206,7 +206,7 @@ class SimBackend:
         tokens = prefill = steps = pre_tokens = 0
         busy = 0.0
         ttfts, tpots = [], []
-        met = missed = finished = 0
+        met = missed = finished = met_tokens = 0
         arrivals0 = self.next_i
         slo_ttft, slo_tpot = self.slo.ttft_s, self.slo.tpot_s
         a0, a1, b, running, heap = self.a0, self.a1, self.b, self.running, self.heap
@@ -274,6 +274,7 @@ class SimBackend:
                     tpots.append(tpot)
                     ok = ok and tpot <= slo_tpot
                 met, missed, finished = met + ok, missed + (not ok), finished + 1
+                met_tokens += nt if ok else 0
             if self.now >= t_end:
                 break
         self._arrive()
@@ -283,7 +284,7 @@ class SimBackend:
         self.served += finished
         self.prev_end = self.now
         snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0)
-        return Interval(snap, met, missed, self.agreement, busy)
+        return Interval(snap, met, missed, self.agreement, busy, slo_met_tokens=met_tokens)
 
     def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
                   finished: int, arrivals: int) -> TelemetrySnapshot:

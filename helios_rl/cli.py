@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "helios_rl.commands.demo",
     "helios_rl.commands.evaluate",
     "helios_rl.commands.serve",
+    "helios_rl.commands.train",
+    "helios_rl.commands.compare",
     "helios_rl.commands.calibrate",
     "helios_rl.commands.fidelity",
     "helios_rl.commands.exits",

@@ -10,53 +10,10 @@ import numpy as np
 import pytest
 
 import helios_rl.env  # noqa: F401  (registers the environments)
-from helios_rl.env.calibrate import calibrate
 from helios_rl.env.env import HeliosServingEnv
 from helios_rl.env.profile import ProfileError, SimProfile
 from helios_rl.scenario import Scenario, ScenarioError
 
-SCENARIO = """\
-name: tiny-env
-seed: 0
-models: [{a}, {b}]
-workload:
-  arrival: {{kind: poisson, rate: 300.0}}
-  num_requests: 24
-  tasks: {{completion: 0.5, chat: 0.5}}
-  max_new_tokens: 6
-  max_prompt_tokens: 16
-  split: all
-  prompts: {{sources: [], file: {prompts}}}
-slo: {{ttft_s: 0.05, tpot_s: 0.01, objective: throughput}}
-engine: {{memory_budget: 3MiB, max_batch: 8, max_model_len: 48}}
-exits: {{layers: [0, 1, 2], threshold: 0.06}}
-backend: {{timing: modeled, interval_s: 0.01}}
-controllers:
-  helios: {{profile_requests: 2, profile_batch: requests, reprofile_interval: 5}}
-  random: {{change_prob: 0.3}}
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_scenario(tmp_path_factory, tiny_text_dirs):
-    root = tmp_path_factory.mktemp("envsc")
-    prompts = root / "prompts.jsonl"
-    with prompts.open("w") as fh:
-        for i in range(12):
-            words = " ".join(f"w{3 + (7 * i + 5 * j) % 150}" for j in range(4 + i % 6))
-            fh.write(json.dumps({"prompt": words, "task": ("completion", "chat")[i % 2], "id": f"p{i}"}) + "\n")
-    path = root / "tiny.yaml"
-    path.write_text(SCENARIO.format(a=tiny_text_dirs["tiny-a"], b=tiny_text_dirs["tiny-b"], prompts=prompts))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_scenario, tmp_path_factory):
-    prof = calibrate(Scenario.from_yaml(tiny_scenario), thresholds=(0.06, 0.5), batches=(1, 4), prompts=3,
-                     new_tokens=5)
-    out = tmp_path_factory.mktemp("prof") / "profile.json"
-    prof.save(out)
-    return out
 
 
 def test_check_env_passes_on_sim_and_live(tiny_scenario, tiny_profile):

@@ -171,6 +171,7 @@ class HeliosServingEnv(gym.Env):
 
         snap = TelemetrySnapshot(model=cfg["model"], depth=cfg["depth"], num_layers=self.L[cfg["model"]],
                                  max_batch=cfg["batch"])
+        self.last_snapshot = snap
         obs, raw = self._observe(Interval(snap))
         return obs, {"obs_raw": raw, "config": dict(cfg), "seed": self._seed}
 
@@ -196,38 +197,45 @@ class HeliosServingEnv(gym.Env):
         of :meth:`step`, so baselines and policies are scored by the same function."""
         if self._cfg is None:
             raise RuntimeError("call reset() before step_config()")
-        cur, adjusted = self._cfg, False
         if config is None:
-            return self._transition(dict(cur), False, None)
+            return self._transition(dict(self._cfg), False, None)
+        cfg, adjusted = self.resolve_config(config, self._cfg)
+        return self._transition(cfg, adjusted, None)
+
+    def resolve_config(self, config: ServingConfig, cur: dict) -> tuple[dict, bool]:
+        """(config dict, adjusted): ``config``'s set fields over ``cur``, clamped to the model and budget."""
         model = config.model or cur["model"]
         if model not in self.L:
             raise ValueError(f"unknown model {model!r}; the scenario's models are {list(self.models)}")
+        adjusted = False
         depth = config.depth if config.depth is not None else (cur["depth"] if model == cur["model"] else self.L[model])
         depth = min(int(depth), self.L[model])
         while depth > 1 and self.backend.admissible(model, depth) < 1:
             depth, adjusted = depth - 1, True
         adm = self.backend.admissible(model, depth)
         if adm < 1:
-            return self._transition(dict(cur), True, None)
+            return dict(cur), True
         batch = config.max_batch if config.max_batch is not None else (cur["batch"] if model == cur["model"] else adm)
         batch = int(min(batch, adm))
         thr = cur["threshold"] if config.threshold is None else config.threshold
         if thr == "calibrated":
             thr = None
-        return self._transition({"model": model, "depth": depth, "batch": batch, "threshold": thr}, adjusted, None)
+        return {"model": model, "depth": depth, "batch": batch, "threshold": thr}, adjusted
 
     def _transition(self, cfg: dict, adjusted: bool, action):
         cost, rejected = 0.0, None
         if cfg != self._cfg:
+            t_decision = self.backend.now
             try:
                 cost = self.backend.apply(ServingConfig(model=cfg["model"], depth=cfg["depth"], max_batch=cfg["batch"],
                                                         threshold=cfg["threshold"]))
                 if cfg["model"] != self._cfg["model"] or cfg["depth"] != self._cfg["depth"]:
-                    self.last_switch = self.backend.now
+                    self.last_switch = t_decision
                 self._cfg = cfg
             except ValueError as exc:
                 rejected, adjusted = str(exc), True
         iv = self.backend.advance(self.interval_s)
+        self.last_snapshot = iv.snapshot
         self.steps += 1
         self._served += iv.snapshot.requests_finished
         terms = self._reward(iv, cost, adjusted)
@@ -255,7 +263,9 @@ class HeliosServingEnv(gym.Env):
         s, w, dt = iv.snapshot, self.weights, self.interval_s
         norm = self.space_spec.norm
         if self.objective == "throughput":
-            obj = s.output_tokens / dt / norm["demand_tps"]
+            # minus one per interval: a trace's output is fixed, so the episode's sum (tokens served over
+            # the demand, minus intervals used) rewards serving it sooner, not merely serving it
+            obj = s.output_tokens / dt / norm["demand_tps"] - 1.0
         elif self.objective == "goodput":
             floor = self.scenario.slo.agreement_floor
             good = iv.slo_met_tokens if (iv.agreement is None or iv.agreement >= floor) else 0
@@ -279,6 +289,12 @@ class HeliosServingEnv(gym.Env):
     def action_masks(self) -> np.ndarray:
         """Flat bool mask (MaskablePPO convention: the dimensions' masks concatenated)."""
         return self.codec.masks(self._cfg or self._initial())
+
+    def schema(self) -> dict:
+        """What a trained policy needs to be deployed as a controller (``spaces.json`` of a run)."""
+        return {"spec": self.space_spec.to_dict(), "initial": self._initial(),
+                "default_threshold": self.scenario.exits.default_threshold, "scenario": self.scenario.name,
+                "objective": self.objective, "reward_weights": self.weights}
 
     # ------------------------------------------------------------------ recording, closing
     def _flush(self) -> None:

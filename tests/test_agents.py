@@ -281,3 +281,25 @@ def test_rl_zoo3_trains_on_the_registered_env(tiny_scenario, tiny_profile, tmp_p
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((tmp_path / "zoo").rglob("*.zip"))
+
+
+def test_trained_policy_serves_live_traffic_in_the_server(trained, tiny_scenario):
+    """``helios-rl serve SCENARIO --controller policy:runs/<id>``: the policy decides, requests complete."""
+    import httpx
+    import openai
+
+    from helios_rl.server import BackgroundServer, create_app
+    from helios_rl.server.runtime import ServerSettings, runtime_from_scenario
+
+    settings = ServerSettings(served_name="tiny", interval_s=0.02, torch_threads=1, max_queue=16)
+    rt = runtime_from_scenario(str(tiny_scenario), controller=f"policy:{trained['run_dir']}", settings=settings,
+                               say=lambda s: None)
+    with BackgroundServer(create_app(rt)) as url:
+        cli = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+        outs = [cli.completions.create(model="tiny", prompt="w5 w7 w9", max_tokens=12, extra_body={"ignore_eos": True})
+                for _ in range(6)]
+        assert all(o.usage.completion_tokens == 12 for o in outs)
+        time.sleep(0.1)
+        stats = httpx.get(f"{url}/admin/controller").json()
+    assert stats["controller"].startswith("policy") and stats["decisions"] >= 2
+    assert stats["fallbacks"].get("error", 0) == 0 and stats["fallbacks"].get("timeout", 0) == 0

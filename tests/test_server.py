@@ -310,10 +310,15 @@ def test_runtime_keeps_serving_when_its_policy_breaks(text_dirs):
         assert total(metrics(url), "helios_controller_fallbacks_total", reason="error") >= 1
 
 
-def test_policy_controller_is_a_clear_error_until_it_exists(text_dirs):
+def test_unknown_controllers_and_missing_policy_runs_are_clear_errors(text_dirs, tmp_path):
     ctx = tiny_context(text_dirs, 4, 64)
-    with pytest.raises(ValueError, match="not available"):
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
         make_decision_maker("policy:runs/abc", ctx)
+    with pytest.raises(ValueError, match="needs a run directory"):
+        make_decision_maker("policy:", ctx)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="spaces.json: missing"):
+        make_decision_maker(f"policy:{tmp_path}", ctx)
     with pytest.raises(ValueError, match="unknown controller"):
         make_decision_maker("clever", ctx)
 

@@ -1,59 +1,71 @@
-"""``helios-rl demo``: the main job on its embedded default, end to end on the bundled model.
+"""``helios-rl demo``: the whole story on the embedded default, on the bundled offline models.
 
-Prepares the bundled SmolLM2 (converted once, cached), then serves held-out real prompts (news,
-Wikipedia, ShareGPT) through the early-exit engine under a memory budget, at full depth and at
-partial depths, and prints what each configuration achieved. Later stages (simulator calibration,
-PPO training, live comparison) join this command as they land.
+1. prepare the bundled SmolLM2-135M and Gemma3-270M (converted once, cached);
+2. calibrate the simulator on the live engine (once per scenario and engine version, cached);
+3. train a short PPO in the simulator (``helios_rl/agents/presets/ppo.yaml``);
+4. compare it with the static and HELIOS baselines on the live engine, on held-out workload seeds;
+5. print the table; results.json, results.md and plots land in the run folder.
+
+The scenario is ``helios_rl/scenarios/default.yaml`` (a load and task-mix shift under a 1 GiB budget).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+PRESET = Path(__file__).resolve().parent.parent / "agents" / "presets" / "ppo.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded default end to end on the bundled model")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--requests", type=int, default=12)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--budget-gib", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="run the embedded default end to end: models, calibration, PPO in sim, "
+                                    "live comparison with static and HELIOS")
+    p.add_argument("--env", default="default", help="scenario YAML (default: the embedded default)")
+    p.add_argument("--agent", default=str(PRESET), help="agent hyperparameters (default: the demo's PPO preset)")
+    p.add_argument("--timesteps", type=int, default=None, help="PPO timesteps (default: the agent file's)")
+    p.add_argument("--seeds", type=int, default=2, help="held-out seeds of the live comparison")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--out", default="runs", help="parent folder of the run folders")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    from helios_rl.engine.config import EngineSettings, ServingConfig
-    from helios_rl.engine.engine import Engine
-    from helios_rl.engine.request import SamplingParams
-    from helios_rl.models.registry import load_model
-    from helios_rl.workload import WorkloadSpec, build_workload
+    from helios_rl.agents.compare import compare, markdown
+    from helios_rl.agents.train import train
+    from helios_rl.controllers.repository import checkpoint_facts
+    from helios_rl.env.profile import ensure_profile
+    from helios_rl.scenario import load_scenario
 
-    console = Console()
-    model = load_model(args.model)
-    tok = model.tokenizer
-    spec = WorkloadSpec.from_dict({"arrival": {"kind": "poisson", "rate": 4.0}, "num_requests": args.requests,
-                                   "split": "heldout", "seed": args.seed, "max_new_tokens": args.max_new_tokens,
-                                   "prompt_tokens": [16, 96]})
-    reqs = build_workload(spec, count_tokens=lambda s: len(tok(s)["input_ids"]))
-    engine = Engine(model, EngineSettings(memory_budget_bytes=int(args.budget_gib * (1 << 30)), max_batch=64,
-                                          max_model_len=256))
-    table = Table(title=f"{model.name}: {len(reqs)} held-out prompts, {args.max_new_tokens} new tokens each, "
-                        f"budget {args.budget_gib} GiB")
-    for col in ("depth", "max batch", "resident MiB", "tokens/s", "mean exit layer", "first output"):
-        table.add_column(col)
-    for depth in (model.num_layers, (3 * model.num_layers) // 4, model.num_layers // 2):
-        engine.apply(ServingConfig(depth=depth, exit_layers=tuple(sorted(model.heads.adapters))))
-        t0 = time.perf_counter()
-        outs = engine.generate([r.prompt_text for r in reqs],
-                               SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
-        dt = time.perf_counter() - t0
-        n = sum(o.num_generated for o in outs)
-        layers = [layer for o in outs for layer in o.exit_layers]
-        table.add_row(str(depth), str(engine.max_batch), f"{engine.resident_bytes() / 2**20:.0f}", f"{n / dt:.1f}",
-                      f"{sum(layers) / len(layers):.1f}", repr(outs[0].output_text[:40]))
-    console.print(table)
+    console = Console(stderr=True)
+    say = lambda s: console.print(f"[dim]{s}[/]")  # noqa: E731
+    t0 = time.perf_counter()
+    stamps = {}
+    sc = load_scenario(args.env)
+    console.rule(f"1/4 models: {', '.join(sc.models)}")
+    for m in sc.models:
+        f = checkpoint_facts(m, 4)
+        say(f"{m}: {f.num_layers} layers, {(f.non_layer_bytes + sum(f.layer_bytes)) / 2**20:.0f} MiB of fp32 weights")
+    stamps["models"] = time.perf_counter() - t0
+    console.rule("2/4 simulator calibration (cached after the first run)")
+    profile = ensure_profile(sc, say=say)
+    say(f"profile: {profile}")
+    stamps["calibrate"] = time.perf_counter() - t0
+    console.rule("3/4 PPO in the simulator")
+    m = train(args.env, args.agent, seed=args.seed, backend="sim", timesteps=args.timesteps, out=args.out,
+              profile=str(profile), say=say)
+    say(f"trained {m['timesteps']} steps in {m['train_wall_s']} s; run folder {m['run_dir']}")
+    stamps["train"] = time.perf_counter() - t0
+    console.rule(f"4/4 live comparison: PPO vs static vs HELIOS, {args.seeds} held-out seeds")
+    out = Path(args.out) / f"{sc.name}__compare__{int(time.time())}"
+    res = compare(args.env, [m["run_dir"]], ["static", "helios"], seeds=args.seeds, backend="live", out=out,
+                  profile=str(profile), say=say)
+    stamps["compare"] = time.perf_counter() - t0
+    print(markdown(res))
+    print(f"plots: {', '.join(str(out / p) for p in res['plots'])}")
+    print(f"deploy the policy: helios-rl serve {sc.path} --controller policy:{m['run_dir']}")
+    print("elapsed: " + ", ".join(f"{k} done at {v:.0f} s" for k, v in stamps.items()), file=sys.stderr)
     return 0

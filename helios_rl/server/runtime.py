@@ -88,16 +88,14 @@ def make_decision_maker(spec: "str | DecisionMaker", ctx: Any,
 
 
 def load_policy_controller(run_dir: str, ctx: Any) -> DecisionMaker:
-    """A trained RL policy from ``runs/<id>``. The hook: ``helios_rl.controllers.policy.load_policy(run_dir, ctx)``."""
+    """A trained RL policy from a ``helios-rl train`` run folder (:func:`helios_rl.controllers.policy.load_policy`):
+    a missing folder, a corrupt archive or a policy trained for other spaces is a clear error."""
     if not run_dir:
         raise ValueError("--controller policy:<run dir> needs a run directory, e.g. policy:runs/<id>")
-    try:
-        from helios_rl.controllers.policy import load_policy  # type: ignore[import-not-found]
-    except ImportError:
-        raise ValueError(f"--controller policy:{run_dir}: trained RL policies are not available in this build yet "
-                         f"(helios_rl.controllers.policy is missing); use --controller helios or static") from None
     if not Path(run_dir).exists():
         raise FileNotFoundError(f"--controller policy:{run_dir}: no such run directory")
+    from helios_rl.controllers.policy import load_policy
+
     return load_policy(run_dir, ctx)
 
 

@@ -13,7 +13,14 @@ two up to the engine's cap). ``action_masks()`` follows sb3-contrib's MaskablePP
 masks what the current model and memory budget cannot take; a model change in the same action is
 resolved by clamping depth and batch to what the new model admits (``info["adjusted"]``).
 ``action_mode="flat"`` gives a ``Discrete`` space over every feasible (model, depth, batch,
-threshold) tuple plus 0 = keep, for algorithms without masking (DQN).
+threshold) tuple plus 0 = keep, for algorithms without masking (DQN). The encodings live in
+:mod:`helios_rl.env.spaces`, shared with deployed policies (:mod:`helios_rl.controllers.policy`).
+
+Reward: the objective per interval relative to the trace's nominal demand (throughput: tokens over
+demand minus one, so serving a fixed trace sooner pays; goodput: tokens of SLO-meeting requests
+under a config that meets the agreement floor), minus weighted penalties (see envs/README.md).
+:meth:`HeliosServingEnv.step_config` steps under a controller's ``ServingConfig`` instead of an
+action, so baselines and policies are scored by the same function (``helios-rl compare``).
 """
 
 from __future__ import annotations

@@ -26,11 +26,12 @@ ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 
 
 def engine_version() -> str:
-    """Package version plus a hash of the engine's source: a profile is only valid for this engine."""
+    """Package version plus a hash of the engine's source and of the calibration procedure: a profile is
+    only valid for the engine (and the calibration) that measured it."""
     from helios_rl import __version__
 
     h = hashlib.sha256()
-    for f in sorted(ENGINE_DIR.glob("*.py")):
+    for f in sorted(ENGINE_DIR.glob("*.py")) + [Path(__file__).resolve().parent / "calibrate.py"]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"

@@ -1,4 +1,4 @@
-"""``helios-rl calibrate SCENARIO --out PROFILE``: profile the live engine for the simulator backend."""
+"""``helios-rl calibrate SCENARIO [--out PROFILE]``: profile the live engine for the simulator backend."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="profile the live engine over a (model, depth, batch, threshold) grid "
                                          "and write a simulator profile")
     p.add_argument("scenario", help="scenario YAML (see envs/README.md)")
-    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--out", default=None, help="profile JSON to write (default: the scenario's cached profile, "
+                                                "which the sim environment, train and compare use)")
     p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95", help="exit thresholds of the grid (comma-separated)")
     p.add_argument("--batches", default="1,4,16", help="batch sizes of the step-time sweep")
     p.add_argument("--depth-buckets", type=int, default=4, help="depths per model: its 1/n, 2/n, ..., full depth")
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     prof = calibrate(sc, thresholds=thresholds, depth_buckets=args.depth_buckets, batches=batches,
                      prompts=args.prompts, new_tokens=args.new_tokens,
                      say=lambda s: print(s, file=sys.stderr))
+    if args.out is None:
+        from helios_rl.env.profile import default_profile_path
+
+        args.out = str(default_profile_path(sc))
     prof.save(args.out)
     for name, m in prof.models.items():
         coef = ", ".join(f"{k}={v:.3g}" for k, v in m.step_coef.items() if v)

@@ -167,6 +167,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
         summary["rl_vs_static_iqm"] = stats[rl]["iqm"] / den if den > 0 else None
     results = {"scenario": sc.name, "scenario_path": sc.path, "backend": backend, "profile": profile,
                "seeds": seed_list, "policies": policies, "baselines": baselines, "summary": summary, "stats": stats,
+               "policy_files": {m: str(c.run.policy_path) for m, c in methods.items() if m.startswith("policy:")},
                "episodes": episodes, "decisions": {m: getattr(c, "log", [])[:200] for m, c in methods.items()},
                "wall_s": round(wall, 1), "machine": machine_info(), "git": git_revision(),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "metric": "goodput_tps: output tokens/s of requests "

@@ -72,7 +72,7 @@ def load_sb3(algo: str, path: Path, device: str = "cpu"):
 class TrainedRun:
     """The parts of a run folder a deployed policy needs (see module docstring)."""
 
-    def __init__(self, run_dir: str | Path, which: str = "policy") -> None:
+    def __init__(self, run_dir: str | Path, which: str = "auto") -> None:
         from helios_rl.env.spaces import SpaceSpec
 
         self.dir = Path(run_dir)
@@ -88,10 +88,31 @@ class TrainedRun:
             raise PolicyError(f"{self.dir / 'spaces.json'}: malformed space schema: {exc}") from None
         self.algo = str(self.config.get("algo", ""))
         algo_class(self.algo)  # unknown algorithm: a clear error before loading anything
+        if which == "auto":  # the evaluation callback's best model when there is one (SB3/Zoo practice)
+            which = "best" if (self.dir / "best_model.zip").exists() else "policy"
         name = {"policy": "policy.zip", "best": "best_model.zip"}.get(which, which)
         self.policy_path = self.dir / name
         self.model = load_sb3(self.algo, self.policy_path)
         self._check_model_spaces()
+        self.obs_norm = self._obs_normaliser()
+
+    def _obs_normaliser(self):
+        """The training run's VecNormalize observation statistics, when it normalised observations."""
+        path = self.dir / "vecnormalize.pkl"
+        if not path.exists():
+            return None
+        import pickle
+
+        try:
+            with path.open("rb") as fh:
+                vn = pickle.load(fh)
+        except Exception as exc:  # noqa: BLE001
+            raise PolicyError(f"{path}: unreadable VecNormalize statistics: {exc}") from None
+        if not getattr(vn, "norm_obs", False):
+            return None
+        mean, var = np.asarray(vn.obs_rms.mean), np.asarray(vn.obs_rms.var)
+        eps, clip = float(vn.epsilon), float(vn.clip_obs)
+        return lambda obs: np.clip((obs - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
 
     def _check_model_spaces(self) -> None:
         from gymnasium import spaces
@@ -169,6 +190,8 @@ class PolicyController(Controller):
                              exit_layers=tuple(self.ctx.profile(cfg["model"]).exit_layers), measure=self.ctx.measure)
 
     def act(self, obs: np.ndarray) -> Any:
+        if self.run.obs_norm is not None:
+            obs = self.run.obs_norm(obs)
         masks = self.codec.masks(self.cfg) if self.run.maskable else None
         if masks is not None:
             action, _ = self.run.model.predict(obs, deterministic=self.deterministic, action_masks=masks)
@@ -209,7 +232,10 @@ def _depth_buckets(spec) -> int:
     return max(1, len(spec.depth_values))
 
 
-def load_policy(run_dir: str | Path, ctx: ControllerContext, which: str = "policy",
+def load_policy(run_dir: str | Path, ctx: ControllerContext, which: str = "auto",
                 deterministic: bool = True) -> PolicyController:
-    """``policy:<run_dir>``: the trained policy of a ``helios-rl train`` run folder as a controller."""
+    """``policy:<run_dir>``: the trained policy of a ``helios-rl train`` run folder as a controller.
+
+    ``which``: ``auto`` (``best_model.zip``, the evaluation callback's best, when present, else the
+    final ``policy.zip``), ``best``, ``policy`` or a file name in the run folder."""
     return PolicyController(ctx, TrainedRun(run_dir, which), deterministic)

@@ -232,7 +232,8 @@ def test_bad_policies_and_agent_files_give_clear_errors(trained, tiny_scenario, 
         load_policy(run, other)
     # a corrupt archive
     bad = tmp_path / "bad"
-    shutil.copytree(run, bad, ignore=shutil.ignore_patterns("wandb", "tb", "checkpoints"))
+    assert load_policy(run, ctx).run.policy_path.name == "best_model.zip"  # auto: the best evaluated model
+    shutil.copytree(run, bad, ignore=shutil.ignore_patterns("wandb", "tb", "checkpoints", "best_model.zip"))
     (bad / "policy.zip").write_bytes(b"not a zip at all")
     with pytest.raises(PolicyError, match="not a zip archive"):
         load_policy(bad, ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from helios_rl.models.heads import CONFIDENCE_MEASURES
 
@@ -58,6 +59,11 @@ class EngineSettings:
     - ``pending_window``: at most this many positions of a request may wait for deeper-layer KV
       (``recompute``); when full, its next token runs to the last loaded layer.
     - ``max_prefill_tokens``: tokens prefilled in one step (admission stops beyond it).
+    - ``exit_replay``: an :class:`~helios_rl.engine.exits.ExitReplay` to replay a measured exit-layer
+      distribution instead of deciding by confidence (speed studies on random-weight models only;
+      telemetry then says ``exit_mode: "replay"``). ``None``: real, confidence-based exits.
+    - ``energy``: read the GPU's NVML energy counter around every step (CUDA with nvidia-ml-py only;
+      elsewhere the records carry ``None``).
     """
 
     memory_budget_bytes: int | None = None
@@ -70,6 +76,8 @@ class EngineSettings:
     default_threshold: float = 0.9
     device: str | None = None
     dtype: str | None = None
+    exit_replay: Any = None
+    energy: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -83,5 +91,7 @@ class EngineSettings:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.pending_window < 2:
             raise ValueError(f"pending_window must be >= 2, got {self.pending_window}")
+        if self.exit_replay is not None and getattr(self.exit_replay, "mode", None) != "replay":
+            raise ValueError(f"exit_replay must be an ExitReplay, got {type(self.exit_replay).__name__}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from helios_rl.engine.config import EngineSettings, ServingConfig
+from helios_rl.engine.exits import CONFIDENCE
 from helios_rl.engine.forward import ExitPolicy, LayerLoop
 from helios_rl.engine.kv_cache import KVPool
 from helios_rl.engine.request import Request, RequestError, SamplingParams, Status
-from helios_rl.engine.sampling import select_token
+from helios_rl.engine.sampling import MIN_TEMPERATURE, select_token
 from helios_rl.engine.telemetry import RequestRecord, StepRecord, Telemetry, TelemetrySnapshot
 from helios_rl.models.heads import CONFIDENCE_MEASURES
 from helios_rl.models.layered import LayeredModel
+from helios_rl.utils.nvml import NvmlEnergy, open_energy_counter
 
 ModelLoader = Callable[[str, int | None], LayeredModel]
 
@@ -72,7 +74,13 @@ class Engine:
         self.loop: LayerLoop | None = None
         self._policy = ExitPolicy()
         self.max_batch = 0
+        self._energy = open_energy_counter(model.device) if self.settings.energy else None
         self._configure(self.config, self.model)
+
+    @property
+    def exit_mode(self) -> str:
+        """``confidence`` (real exits) or ``replay`` (exits replayed from a measured distribution)."""
+        return self._policy.decider.mode
 
     # ================================================================== requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -225,7 +233,7 @@ class Engine:
             else:
                 thr[layer] = float(calibrated.get(layer, self.settings.default_threshold))
         return ExitPolicy(layers=layers, thresholds=thr, measure=cfg.measure, kv_strategy=self.settings.kv_strategy,
-                          track_confidence=bool(layers))
+                          track_confidence=bool(layers), decider=self.settings.exit_replay or CONFIDENCE)
 
     def _resize_pool(self, slots: int, depth: int, model: LayeredModel) -> None:
         same_model = self.pool is not None and self.loop is not None and self.loop.model is model
@@ -295,6 +303,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """One engine iteration. Returns the tokens produced."""
         t_start = self.clock()
+        mj0 = self._energy.millijoules() if self._energy is not None else None
         t0 = time.perf_counter()
         admitted = self._schedule()
         prefill_rows = [r for r in self.running if r.needs_prefill]
@@ -320,14 +329,16 @@ class Engine:
                 exits = self.loop.run_rows([r.slot for r in decode_rows], [r.token_ids for r in decode_rows],
                                            self._policy, allow)
                 events += self._update(decode_rows, exits, counts, stats)
-        duration = time.perf_counter() - t0
+        duration = time.perf_counter() - t0  # the step ended on the host reading its tokens: GPU work is done
+        energy = NvmlEnergy.joules_between(mj0, self._energy.millijoules()) if self._energy is not None else None
         self.step_count += 1
         finished = sum(1 for e in events if e.finished)
         self.telemetry.record_step(StepRecord(
             step=self.step_count, t_start=t_start, duration=duration, model=self.model.name, depth=self.model.depth,
             prefill_tokens=prefill_tokens, decode_tokens=len(events), exit_counts=counts,
             greedy_exits=stats["greedy"], breaches=stats["breach"], conf_sum=stats["conf_sum"],
-            conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished))
+            conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished,
+            exit_mode=self.exit_mode, energy_j=energy))
         del admitted
         return events
 
@@ -350,10 +361,13 @@ class Engine:
     def _update(self, rows: list[Request], exits, counts: np.ndarray, stats: dict) -> list[TokenEvent]:
         events = []
         now = self.clock()
+        greedy_tokens = _greedy_tokens(rows, exits)
         for ex in exits:
             req = rows[ex.index]
             try:
-                tok = select_token(ex.logits, req.params, req.generator)
+                tok = greedy_tokens.get(ex.index)
+                if tok is None:
+                    tok = select_token(ex.logits, req.params, req.generator)
             except RuntimeError as exc:  # one bad row must not fail the batch
                 req.error = f"token selection failed: {exc}"
                 self._finish(req, "error", now)
@@ -446,7 +460,20 @@ class Engine:
             num_layers=self.model.num_layers, max_batch=self.max_batch, running=len(self.running),
             waiting=len(self.waiting), resident_bytes=self.resident_bytes(),
             weight_bytes=self.model.resident_bytes(), kv_bytes=self.pool.nbytes() if self.pool else 0,
-            budget_bytes=self.settings.memory_budget_bytes)
+            budget_bytes=self.settings.memory_budget_bytes, exit_mode=self.exit_mode)
+
+
+def _greedy_tokens(rows: list[Request], exits) -> dict[int, int]:
+    """Argmax of every greedy row's logits, read to the host in one copy (one sync, not one per row)."""
+    picks = [ex for ex in exits if rows[ex.index].params.greedy
+             or rows[ex.index].params.temperature < MIN_TEMPERATURE]
+    if not picks:
+        return {}
+    try:
+        ids = torch.stack([ex.logits for ex in picks]).argmax(dim=-1).tolist()
+    except RuntimeError:  # mismatched rows (cannot happen within one model): fall back to one at a time
+        return {}
+    return {ex.index: int(t) for ex, t in zip(picks, ids)}
 
 
 def _same_tokenizer(a: LayeredModel, b: LayeredModel) -> bool:

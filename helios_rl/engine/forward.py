@@ -6,6 +6,27 @@ prefill it is the whole prompt; under the ``recompute`` strategy, positions that
 an earlier step join the window at the first layer they skipped (their hidden states wait in the
 pool's ``hbuf``), so the deep token recomputes them exactly, in the same causal pass. Windows are
 right-aligned in a padded ``[B, Q, H]`` tensor; pad queries write nothing and are discarded.
+
+Which rows leave at an exit layer is asked of the policy's decider (:mod:`helios_rl.engine.exits`:
+confidence >= threshold, or a replayed exit distribution for speed studies); the loop itself only
+computes the exit logits and confidence, compacts the rows that continue and books the exits.
+
+Host synchronisation on CUDA (what waits for the GPU, and how it is batched):
+
+- Per layer without exits: none. K/V are written and read with device index tensors built once
+  per step (slot ids, positions, masks, rotary tables: a few small host-to-device copies before
+  layer 0), ``kv_len`` bookkeeping is NumPy on the host, and the decoder layer itself does not sync.
+- At each exit layer of the serving config (and only while some row may still exit): exactly one
+  device-to-host copy, the confidence of all active rows together (``[B]`` floats), which the
+  exit decision needs. The replay decider does not read it to decide, but the copy is kept so that
+  a replayed run costs what a real one does.
+- Only when rows leave at that layer: one host-to-device copy of the kept rows' indices (compaction),
+  one of the leaving rows' ``hbuf`` destinations (``recompute``, all leaving rows together), and the
+  step geometry for the remaining rows is rebuilt (slot ids and positions: two small copies).
+- When pending positions join a deeper layer's window (``recompute``), their ``hbuf`` ring indices
+  are copied per joining row (the price of exact K/V for skipped layers).
+- After the last layer: one device-to-host copy of the remaining rows' confidence when exits are
+  on; token selection then reads all greedy rows' argmax in one copy (``Engine._update``).
 """
 
 from __future__ import annotations
@@ -15,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from helios_rl.engine.exits import CONFIDENCE, ConfidenceExit
 from helios_rl.engine.kv_cache import KVPool
 from helios_rl.models.heads import confidence
 from helios_rl.models.layered import LayeredModel
@@ -40,6 +62,7 @@ class ExitPolicy:
     measure: str = "max_prob"
     kv_strategy: str = "recompute"
     track_confidence: bool = False
+    decider: ConfidenceExit = CONFIDENCE  # who decides which rows leave (see helios_rl.engine.exits)
 
 
 class _LayerView:
@@ -100,6 +123,8 @@ class LayerLoop:
         idx = np.arange(len(slots))  # original batch index of each active row
         allow = np.ones(len(slots), dtype=bool) if allow_exit is None else allow_exit.copy()
         exits: list[RowExit] = []
+        decider = policy.decider
+        decider.begin(len(slots), model.num_layers)
         geometry = None
         last = depth - 1
         for layer in range(depth):
@@ -130,11 +155,11 @@ class LayerLoop:
                 break
             if layer in policy.layers and allow.any():
                 logits = model.heads.logits(layer, h[:, -1])
-                conf = confidence(logits, policy.measure)
+                # the exit decision's one host sync at this layer: every active row's confidence at once
+                conf_np = confidence(logits, policy.measure).float().cpu().numpy()
                 thr = policy.thresholds.get(layer, 1.1)
-                out = (conf >= thr).cpu().numpy() & allow
+                out = decider.decide(layer, conf_np, thr, idx) & allow
                 if out.any():
-                    conf_np = conf.float().cpu().numpy()
                     rows = np.nonzero(out)[0]
                     for r in rows:
                         exits.append(RowExit(int(idx[r]), layer, logits[r], float(conf_np[r]), False))
@@ -154,10 +179,12 @@ class LayerLoop:
         conf_np = None
         if policy.track_confidence:
             conf_np = confidence(logits, policy.measure).float().cpu().numpy()
+        greedy = (decider.greedy(last, None if conf_np is None else conf_np.astype(np.float64),
+                                 policy.thresholds.get(last, 1.1), idx)
+                  if policy.layers else np.zeros(len(idx), dtype=bool))
         for r in range(len(idx)):
             c = None if conf_np is None else float(conf_np[r])
-            greedy = bool(policy.layers) and (c is None or c < policy.thresholds.get(last, 1.1))
-            exits.append(RowExit(int(idx[r]), last, logits[r], c, greedy))
+            exits.append(RowExit(int(idx[r]), last, logits[r], c, bool(greedy[r])))
         return exits
 
     # ----- helpers -------------------------------------------------------------------------------
@@ -192,11 +219,16 @@ class LayerLoop:
         """Rows ``rows`` exit after ``layer``: keep deeper layers' K/V recoverable (or fill them)."""
         q = h.shape[1]
         if policy.kv_strategy == "recompute":
+            # every leaving row's window positions in one scatter (one host-to-device index copy);
+            # destinations are distinct: a row may exit only with at most ``pending_window`` pending
             hbuf, w = self.pool.hbuf, self.pool.pending_window
-            for r in rows:
-                k = int(n[r])
-                ring = torch.arange(int(p[r]) - k + 1, int(p[r]) + 1) % w
-                hbuf[int(slots[r]), ring.to(hbuf.device)] = h[r, q - k:]
+            k = n[rows].astype(np.int64)
+            src_row = np.repeat(rows, k)
+            offs = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)  # 0..k_r-1 within each row
+            src_col = q - np.repeat(k, k) + offs
+            dst_pos = np.repeat(p[rows] - k + 1, k) + offs
+            index = torch.as_tensor(np.stack([src_row, src_col, slots[src_row], dst_pos % w]), device=hbuf.device)
+            hbuf[index[2], index[3]] = h[index[0], index[1]]
             return
         # copy (CALM): the exit hidden state stands in as the input of every skipped layer
         rt = torch.as_tensor(rows, device=h.device)

@@ -31,6 +31,8 @@ class StepRecord:
     running: int
     waiting: int
     finished: int
+    exit_mode: str = "confidence"  # "replay": exits replayed from a measured distribution, not decided
+    energy_j: float | None = None  # GPU energy over the step (NVML counter); None where not measured
 
 
 @dataclass
@@ -100,7 +102,8 @@ class TelemetrySnapshot:
     budget_bytes: int | None = None
     switches: int = 0
     loads: int = 0
-    energy_j: float | None = None
+    energy_j: float | None = None  # NVML-measured GPU joules over the window's steps (None: not measured)
+    exit_mode: str = "confidence"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +165,8 @@ class Telemetry:
             batches = [s.decode_tokens for s in steps if s.decode_tokens]
             snap.batch_mean = float(np.mean(batches)) if batches else 0.0
             snap.batch_max = max(batches) if batches else 0
+            energies = [s.energy_j for s in steps if s.energy_j is not None]
+            snap.energy_j = float(sum(energies)) if energies else None
         snap.requests_finished = len(reqs)
         snap.arrivals = len(_tail(self.arrival_times, since, lambda t: t))
         ttfts = [r.ttft for r in reqs if r.ttft is not None]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from helios_rl.utils.nvml import NvmlEnergy, open_energy_counter
+
 
 class EnergyMeter:
     """Started at construction; :meth:`read` returns joules so far and the method used."""
@@ -18,27 +20,15 @@ class EnergyMeter:
     def __init__(self, cpu_watts_per_core: float = 15.0) -> None:
         self.watts = float(cpu_watts_per_core)
         self.cpu0 = time.process_time()
-        self.nvml = None
-        self.mj0 = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                import pynvml
-
-                pynvml.nvmlInit()
-                self.nvml = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-                self.mj0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.nvml)
-        except Exception:  # no GPU, no pynvml, or a GPU without an energy counter: CPU estimate
-            self.nvml = None
+        self.nvml = open_energy_counter()  # None without CUDA, pynvml or a GPU energy counter
+        self.mj0 = self.nvml.millijoules() if self.nvml is not None else None
 
     def read(self) -> dict:
         cpu_s = time.process_time() - self.cpu0
         out = {"cpu_s": cpu_s, "joules": cpu_s * self.watts,
                "method": f"estimate: process CPU time x {self.watts:g} W per busy core"}
         if self.nvml is not None:
-            import pynvml
-
-            mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.nvml)
-            out.update(joules=(mj - self.mj0) / 1000.0, method="measured: NVML total energy counter (GPU)")
+            joules = NvmlEnergy.joules_between(self.mj0, self.nvml.millijoules())
+            if joules is not None:
+                out.update(joules=joules, method="measured: NVML total energy counter (GPU)")
         return out

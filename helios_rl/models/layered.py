@@ -96,17 +96,20 @@ class LayeredModel:
         fuse: merge q/k/v and gate/up projections of loaded layers into single matmuls. Default: on
             CUDA only; on this project's CPU (MKL, one or two threads) the wider GEMMs measured
             slower (gate+up at batch 8: 2.29 ms fused vs 1.82 ms separate, single thread).
+        config, weights: a transformers config and a ``weights(model) -> reader`` factory used instead of
+            the folder's ``config.json`` and safetensors (``path`` then only names the model).
     """
 
     def __init__(self, path: str | Path, depth: int | None = None, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, name: str | None = None, fuse: bool | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, name: str | None = None, fuse: bool | None = None,
+                 config=None, weights=None) -> None:
         self.path = Path(path)
-        if not (self.path / "config.json").exists():
+        if config is None and not (self.path / "config.json").exists():
             raise FileNotFoundError(f"{self.path}: not a model folder (no config.json)")
         self.name = name or self.path.name
         self.device = resolve_device(device)
         self.dtype = parse_dtype(dtype, self.device)
-        config = AutoConfig.from_pretrained(self.path)
+        config = config if config is not None else AutoConfig.from_pretrained(self.path)
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{self.path}: model type {config.model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -119,7 +122,9 @@ class LayeredModel:
         self.fuse = self.device.type == "cuda" if fuse is None else fuse
         # pristine meta copies: checkpoint names and sizes, and what a freed layer returns to
         self._meta_layers = [copy.deepcopy(layer) for layer in self.family.layers]
-        self.ckpt = CheckpointReader(self.path)
+        # ``weights(model)``: any per-tensor source with CheckpointReader's interface (e.g. seeded random
+        # weights for paper-scale shapes, helios_rl.models.paper); default: the folder's safetensors
+        self.ckpt = weights(self) if weights is not None else CheckpointReader(self.path)
         self._tokenizer = None
         self.heads = ExitHeads(self.family.final_norm, self.family.lm_head)
         self._materialise_non_layers()

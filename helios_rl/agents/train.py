@@ -66,7 +66,7 @@ def _save_atomic(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_env_fn(env_kwargs: dict, seed: int | None = None) -> Callable:
+def make_env_fn(env_kwargs: dict) -> Callable:
     """A picklable-by-reference factory for one environment (works under SubprocVecEnv spawn)."""
     return _EnvFactory(dict(env_kwargs))
 

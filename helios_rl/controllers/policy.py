@@ -154,7 +154,7 @@ class PolicyController(Controller):
         else:
             here = build_spec(ctx.candidates, {m: ctx.profile(m).num_layers for m in ctx.candidates},
                               ctx.memory.max_batch, ctx.admissible, spec.thresholds,
-                              _depth_buckets(spec), spec.action_mode, spec.norm)
+                              spec.depth_buckets, spec.action_mode, spec.norm)
             problems = spec.mismatch(here)
         if problems:
             raise PolicyError(f"{run.dir}: the policy was trained for other spaces: " + "; ".join(problems))
@@ -174,15 +174,12 @@ class PolicyController(Controller):
     def initial(self) -> dict:
         """The training environment's first config, clamped to what this budget holds."""
         cfg = dict(self.run.initial)
-        model, adm = cfg["model"], self.ctx.admissible
-        if adm(model, 1) < 1:
-            model = next(m for m in self.spec.models if adm(m, 1) >= 1)
+        model = cfg["model"]
+        if self.ctx.admissible(model, 1) < 1:
+            model = next(m for m in self.spec.models if self.ctx.admissible(m, 1) >= 1)
             cfg["depth"] = self.spec.num_layers[model]
-        depth = min(int(cfg["depth"]), self.spec.num_layers[model])
-        while depth > 1 and adm(model, depth) < 1:
-            depth -= 1
-        return {"model": model, "depth": depth, "batch": min(int(cfg["batch"]), adm(model, depth)),
-                "threshold": cfg.get("threshold")}
+        out, _ = self.codec.clamp(model, int(cfg["depth"]), int(cfg["batch"]), cfg.get("threshold"), cfg)
+        return out
 
     def _config(self, cfg: dict) -> ServingConfig:
         thr = cfg["threshold"] if cfg["threshold"] is not None else self.ctx.threshold
@@ -220,16 +217,6 @@ class PolicyController(Controller):
         self.note("act", action=list(np.atleast_1d(action).tolist()), adjusted=adjusted, **new)
         self.cfg = new
         return self._config(new)
-
-
-def _depth_buckets(spec) -> int:
-    """The depth-bucket count that produced ``spec.depth_values`` (the deepest model's bucket count)."""
-    from helios_rl.env.spaces import depth_values_for
-
-    for n in range(1, 65):
-        if depth_values_for(spec.num_layers, n) == list(spec.depth_values):
-            return n
-    return max(1, len(spec.depth_values))
 
 
 def load_policy(run_dir: str | Path, ctx: ControllerContext, which: str = "auto",

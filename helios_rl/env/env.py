@@ -214,20 +214,15 @@ class HeliosServingEnv(gym.Env):
         model = config.model or cur["model"]
         if model not in self.L:
             raise ValueError(f"unknown model {model!r}; the scenario's models are {list(self.models)}")
-        adjusted = False
-        depth = config.depth if config.depth is not None else (cur["depth"] if model == cur["model"] else self.L[model])
-        depth = min(int(depth), self.L[model])
-        while depth > 1 and self.backend.admissible(model, depth) < 1:
-            depth, adjusted = depth - 1, True
-        adm = self.backend.admissible(model, depth)
-        if adm < 1:
-            return dict(cur), True
-        batch = config.max_batch if config.max_batch is not None else (cur["batch"] if model == cur["model"] else adm)
-        batch = int(min(batch, adm))
+        same = model == cur["model"]
+        depth = config.depth if config.depth is not None else (cur["depth"] if same else self.L[model])
+        batch = config.max_batch if config.max_batch is not None else (cur["batch"] if same else None)
         thr = cur["threshold"] if config.threshold is None else config.threshold
         if thr == "calibrated":
             thr = None
-        return {"model": model, "depth": depth, "batch": batch, "threshold": thr}, adjusted
+        # a depth beyond the model or a batch beyond the budget is cut silently (controllers ask for
+        # "as deep / as large as fits"); a depth the budget cannot hold counts as adjusted
+        return self.codec.clamp(model, min(int(depth), self.L[model]), batch, thr, cur, batch_adjusts=False)
 
     def _transition(self, cfg: dict, adjusted: bool, action):
         cost, rejected = 0.0, None

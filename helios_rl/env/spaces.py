@@ -41,6 +41,7 @@ class SpaceSpec:
     obs_names: list[str] = field(default_factory=list)
     norm: dict[str, float] = field(default_factory=dict)  # nominal rate, demand tokens/s, SLO, interval
     version: int = SCHEMA_VERSION
+    depth_buckets: int = 4  # fractions of each model's depth that ``depth_values`` were built from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +95,7 @@ def build_spec(models, num_layers: dict[str, int], cap: int, admissible: Admissi
               for b in batches if b <= admissible(m, d) for t in thresholds] if action_mode == "flat" else []
     return SpaceSpec(models=models, num_layers={m: int(num_layers[m]) for m in models}, depth_values=depths,
                      batch_values=batches, thresholds=thresholds, cap=int(cap), action_mode=action_mode,
-                     tuples=tuples, obs_names=obs_names_for(models), norm=dict(norm))
+                     tuples=tuples, obs_names=obs_names_for(models), norm=dict(norm), depth_buckets=int(depth_buckets))
 
 
 class ActionCodec:
@@ -142,7 +143,15 @@ class ActionCodec:
         depth = s.depth_values[a[1] - 1] if a[1] else cur["depth"]
         batch = s.batch_values[a[2] - 1] if a[2] else cur["batch"]
         thr = s.thresholds[a[3] - 1] if a[3] else cur["threshold"]
+        return self.clamp(model, depth, batch, thr, cur)
+
+    def clamp(self, model: str, depth: int, batch: int | None, thr, cur: dict,
+              batch_adjusts: bool = True) -> tuple[dict, bool]:
+        """(config dict, adjusted): ``depth`` cut to the model and to what the budget holds, ``batch``
+        (None: what the budget admits) to the admissible batch; ``cur`` when nothing fits. With
+        ``batch_adjusts`` False a batch cut to the budget does not count as adjusted."""
         adjusted = False
+        depth = int(depth)
         if depth > self.L[model]:
             depth, adjusted = self.L[model], True
         while depth > 1 and self.admissible(model, depth) < 1:
@@ -150,9 +159,11 @@ class ActionCodec:
         adm = self.admissible(model, depth)
         if adm < 1:
             return dict(cur), True
-        if batch > adm:
-            batch, adjusted = adm, True
-        return {"model": model, "depth": int(depth), "batch": int(batch), "threshold": thr}, adjusted
+        if batch is None:
+            batch = adm
+        elif batch > adm:
+            batch, adjusted = adm, adjusted or batch_adjusts
+        return {"model": model, "depth": depth, "batch": int(batch), "threshold": thr}, adjusted
 
     def masks(self, cur: dict) -> np.ndarray:
         """Flat bool mask (MaskablePPO convention: the dimensions' masks concatenated)."""

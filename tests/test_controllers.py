@@ -131,6 +131,17 @@ def test_helios_reprofiles_every_interval_starting_with_the_loaded_model():
     assert again.max_batch == ctrl.ctx.admissible(again.model, again.depth)
 
 
+def test_helios_overflow_does_not_postpone_reprofiling():
+    """Regression: an overflow's grow restarted the count of requests toward re-profiling."""
+    ctrl = HeliosController(context(profile("a")), HeliosParams(coverage=0.85, reprofile_interval=20))
+    cfg = run_profiles(ctrl)
+    assert ctrl.decide(snap("a", cfg.depth, finished=15, tokens=100, breaches=10)) is None
+    grown = ctrl.decide(snap("a", cfg.depth, finished=2, tokens=100, breaches=90))
+    assert grown is not None and grown.depth > cfg.depth and ctrl.served == 17
+    again = ctrl.decide(snap("a", grown.depth, finished=3))
+    assert ctrl.phase == "profile:a" and again is not None  # 20 served since profiling, overflow or not
+
+
 def test_helios_same_inputs_same_decisions():
     def trace():
         ctrl = HeliosController(context(profile("a"), profile("b", speed=0.7)), HeliosParams())
@@ -206,7 +217,8 @@ def test_repository_memory_model_matches_engine(tiny_dirs):
     prof = ModelProfile(name="m", num_layers=model.num_layers, non_layer_bytes=model.weight_bytes_at_depth(0),
                         layer_bytes=[model.layer_bytes(i) for i in range(model.num_layers)], adapter_bytes=0,
                         kv_bytes_per_token_layer=model.kv_bytes_per_token_layer(), hidden_size=model.hidden_size,
-                        elem_bytes=4, max_positions=model.max_positions, exit_layers=[])
+                        elem_bytes=4, max_positions=model.max_positions, exit_layers=[],
+                        vocab_size=model.vocab_size)
     full = model.weight_bytes_at_depth(model.num_layers)
     for extra in (200_000, 700_000, 3_000_000):
         for strategy in ("recompute", "copy"):

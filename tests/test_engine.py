@@ -142,7 +142,8 @@ def test_memory_budget_sets_the_batch_and_half_depth_admits_more(tiny_dirs):
     folder = tiny_dirs["llama"]
     eng = make_engine(folder, max_batch=64, max_model_len=64)
     model = eng.model
-    per_slot_full = 6 * 64 * model.kv_bytes_per_token_layer() + 32 * model.hidden_size * 8
+    # KV + pending ring + the step's float32 logits rows (last layer, confidence softmax)
+    per_slot_full = 6 * 64 * model.kv_bytes_per_token_layer() + 32 * model.hidden_size * 8 + 2 * model.vocab_size * 4
     budget = model.weight_bytes_at_depth(6) + 5 * per_slot_full + 100
     eng2 = make_engine(folder, max_batch=64, max_model_len=64, memory_budget_bytes=budget)
     assert eng2.max_batch == 5
@@ -405,3 +406,53 @@ def test_threshold_calibrated_returns_to_the_models_calibration(tiny_dirs):
     assert eng._policy.thresholds[1] == 0.42
     with pytest.raises(ValueError, match="threshold"):
         eng.apply(ServingConfig(threshold="nonsense"))
+
+
+@pytest.mark.parametrize("exit_layers", [(), (1,), (3,), (4,), (1, 4)], ids=["none", "below", "at-cut", "above",
+                                                                             "below+above"])
+def test_forced_exit_at_every_partial_depth_is_a_breach(tiny_dirs, exit_layers):
+    """Depth 4 of 6: a token that no exit let out leaves at layer 3 anyway and must count as a breach,
+    whether the exit layers lie below, at or above the cut (regression: none above -> 0 breaches)."""
+    eng = make_engine(tiny_dirs["llama"], max_batch=4, depth=4)
+    eng.apply(ServingConfig(exit_layers=exit_layers, threshold=1.0))  # no confidence reaches 1.0
+    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    snap = eng.snapshot()
+    assert snap.exit_counts[3] == 10 and sum(snap.exit_counts) == 10
+    assert snap.breaches == 10 and snap.greedy_exits == 10
+
+
+def test_confident_exit_at_the_cut_is_not_a_breach(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=4, depth=4)
+    eng.apply(ServingConfig(exit_layers=(3,), threshold=0.0))  # every token qualifies at layer 3
+    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    snap = eng.snapshot()
+    assert snap.exit_counts[3] == 10 and snap.breaches == 0 and snap.greedy_exits == 0
+
+
+def test_full_depth_tokens_are_never_breaches(tiny_dirs):
+    eng = make_engine(tiny_dirs["llama"], max_batch=4)
+    eng.apply(ServingConfig(exit_layers=(1,), threshold=1.0))
+    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    snap = eng.snapshot()
+    assert snap.exit_counts[5] == 10 and snap.breaches == 0 and snap.greedy_exits == 0
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.07])
+def test_row_positions_with_exits_never_exceed_the_run_without(tiny_dirs, threshold):
+    """Packed windows: a layer runs each position at most once, so exits can only remove work."""
+    def run(exits: bool) -> tuple[np.ndarray, int]:
+        eng = make_engine(tiny_dirs["llama"], max_batch=4, pending_window=8)
+        if exits:
+            eng.apply(ServingConfig(exit_layers=(0, 1, 2), threshold=threshold))
+        reqs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=24, ignore_eos=True))
+        return np.asarray(eng.snapshot().row_positions), sum(r.num_generated for r in reqs)
+
+    with_exits, n1 = run(True)
+    without, n2 = run(False)
+    assert n1 == n2 == 4 * 24
+    prompt_tokens = sum(len(p) for p in PROMPTS)
+    assert (without == prompt_tokens + n2 - 4).all()  # every position once per layer, newest never fed
+    assert (with_exits <= without).all(), (with_exits, without)
+    assert with_exits[0] == without[0]  # layer 0 always runs every position
+    if threshold == 0.0:  # every decode token leaves at layer 0: deeper layers run only forced tokens
+        assert with_exits[1] < without[1]

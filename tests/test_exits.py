@@ -320,4 +320,37 @@ def test_full_vocab_logits_agree_with_subset_in_set(tuned):
     assert full.shape == (3, model.vocab_size)
     ids = model.heads.vocab_ids
     torch.testing.assert_close(full[:, ids], model.heads.logits(layer, h)[:, ids])
-    assert model.heads.extra_bytes() == ids.numel() * (8 + model.hidden_size * 8)
+    adapters = sum(p.numel() * 8 for a in model.heads.adapters.values() for p in a.parameters())
+    assert model.heads.nbytes() == adapters + ids.numel() * (8 + model.hidden_size * 8)
+
+
+def test_exit_heads_memory_is_resident_and_shrinks_the_admissible_batch(tiny_dirs):
+    """Adapters, the gathered exit-vocabulary rows and the per-exit logits rows are all counted."""
+    from helios_rl.controllers.repository import MemorySettings, ModelProfile
+    from helios_rl.engine import Engine, EngineSettings
+    from helios_rl.engine.engine import slot_bytes
+    from helios_rl.exits.heads import new_adapter
+
+    model = _model(tiny_dirs["llama"])
+    bare = model.resident_bytes()
+    settings = EngineSettings(max_batch=256, max_model_len=32, pending_window=4)
+    settings.memory_budget_bytes = bare + 3 * slot_bytes(settings, model, 6) + 1000  # 1000 bytes to spare
+    before = Engine(model, settings).admissible_batch(6)
+    assert before == 3
+    heads = TunedExitHeads(model.heads, model, torch.arange(40))
+    for layer in (1, 3):
+        heads.adapters[layer] = new_adapter(model, 4).to(model.dtype)
+    model.heads = heads
+    rows = 40 * model.hidden_size * 8  # the gathered LM-head rows (float64)
+    adapters = sum(p.numel() * 8 for a in heads.adapters.values() for p in a.parameters())
+    assert model.resident_bytes() == bare + rows + adapters + 40 * 8  # + the int64 index
+    eng = Engine(model, settings)
+    after = eng.admissible_batch(6)
+    assert after == 2  # the heads (and their logits rows) take more than the 1000 spare bytes
+    prof = ModelProfile(name="m", num_layers=6, non_layer_bytes=model.weight_bytes_at_depth(0),
+                        layer_bytes=[model.layer_bytes(i) for i in range(6)], adapter_bytes=heads.nbytes(),
+                        kv_bytes_per_token_layer=model.kv_bytes_per_token_layer(), hidden_size=model.hidden_size,
+                        elem_bytes=8, max_positions=model.max_positions, exit_layers=[1, 3], heads="trained",
+                        vocab_size=model.vocab_size, head_layers=[1, 3])
+    mem = MemorySettings(settings.memory_budget_bytes, 256, 32, 4, True)
+    assert all(prof.admissible_batch(d, mem) == eng.admissible_batch(d) for d in range(1, 7))

@@ -255,10 +255,14 @@ class HeliosController(Controller):
                                       "tokens_per_s": round(p.tokens_per_s, 3)} for p in plans])
         return self._serve(best)
 
-    def _serve(self, plan: Plan) -> ServingConfig:
+    def _serve(self, plan: Plan, restart_count: bool = True) -> ServingConfig:
+        """Serve ``plan``. A new serving period (after profiling) restarts the count of requests toward
+        re-profiling; a breach overflow's grow or switch does not (``restart_count`` False), else
+        overflows every few requests would postpone re-profiling forever."""
         self.plan = plan
         self.phase = "serve"
-        self.served = 0
+        if restart_count:
+            self.served = 0
         self.window.clear()
         self.note("serve", model=plan.model, depth=plan.depth, max_batch=plan.batch,
                   predicted_tokens_per_s=round(plan.tokens_per_s, 3))
@@ -318,7 +322,7 @@ class HeliosController(Controller):
         cost, kind, best = min(options, key=lambda o: o[0])
         self.note("overflow", breaches=round(breaches, 2), action=kind,
                   costs={f"{k}:{p.model}@{p.depth}": round(c, 4) for c, k, p in options})
-        return self._serve(best)
+        return self._serve(best, restart_count=False)
 
     def _reprefill(self, s: TelemetrySnapshot, model: str, depth: int, ctx_tokens: float) -> float:
         """Predicted time to rebuild the KV of the running requests at ``depth`` on ``model``."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helios_rl.engine.kv_cache import KVPool
 from helios_rl.utils.io import atomic_write_json
 
 PROFILE_FORMAT = "helios_rl.model_profile/1"
@@ -64,6 +65,8 @@ class ModelProfile:
     prefill_s_per_token_layer: float = 1e-5
     load_s_per_byte: float = 1e-9
     calibration_tokens: int = 0
+    vocab_size: int = 0  # per-row logits memory (0 in profiles written before it was counted)
+    head_layers: list[int] = field(default_factory=list)  # layers with a trained exit head
     key: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -72,9 +75,12 @@ class ModelProfile:
         return self.non_layer_bytes + sum(self.layer_bytes[:depth]) + self.adapter_bytes
 
     def slot_bytes(self, depth: int, mem: MemorySettings) -> int:
+        """The engine's rule (``helios_rl.engine.engine.slot_bytes``): KV slot, pending ring, logits rows."""
         max_len = min(mem.max_model_len, self.max_positions)
-        hbuf = mem.pending_window * self.hidden_size * self.elem_bytes if mem.recompute else 0
-        return depth * max_len * self.kv_bytes_per_token_layer + hbuf
+        kv = KVPool.slot_bytes(depth, max_len, self.kv_bytes_per_token_layer, self.hidden_size, mem.pending_window,
+                               self.elem_bytes, mem.recompute)
+        exits = sum(1 for layer in self.head_layers if layer < depth - 1)
+        return kv + (KVPool.logits_bytes(self.vocab_size, exits) if self.vocab_size else 0)
 
     def admissible_batch(self, depth: int, mem: MemorySettings) -> int:
         """Largest batch the budget admits at ``depth`` (0 when the weights alone do not fit)."""

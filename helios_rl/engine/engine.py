@@ -190,13 +190,8 @@ class Engine:
         budget = self.settings.memory_budget_bytes
         if budget is None:
             return cap
-        elem = torch.tensor([], dtype=model.dtype).element_size()
-        per_slot = KVPool.slot_bytes(depth, min(self.settings.max_model_len, model.max_positions),
-                                     model.kv_bytes_per_token_layer(), model.hidden_size,
-                                     self.settings.pending_window, elem, self.settings.kv_strategy == "recompute")
-        adapters = sum(p.numel() * p.element_size() for a in model.heads.adapters.values() for p in a.parameters())
-        free = budget - model.weight_bytes_at_depth(depth) - adapters
-        return max(0, min(cap, free // per_slot))
+        free = budget - model.weight_bytes_at_depth(depth) - model.heads.nbytes()
+        return max(0, min(cap, free // slot_bytes(self.settings, model, depth)))
 
     def _configure(self, cfg: ServingConfig, model: LayeredModel) -> None:
         old_depth = model.depth
@@ -338,9 +333,15 @@ class Engine:
             prefill_tokens=prefill_tokens, decode_tokens=len(events), exit_counts=counts,
             greedy_exits=stats["greedy"], breaches=stats["breach"], conf_sum=stats["conf_sum"],
             conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished,
-            exit_mode=self.exit_mode, energy_j=energy))
+            exit_mode=self.exit_mode, energy_j=energy, row_positions=self._row_positions()))
         del admitted
         return events
+
+    def _row_positions(self) -> np.ndarray:
+        """Positions each layer ran this step, sized to the model's layer count."""
+        if self.loop is None:
+            return np.zeros(self.model.num_layers, dtype=np.int64)
+        return self.loop.take_row_positions()
 
     def _schedule(self) -> list[Request]:
         admitted = []
@@ -377,10 +378,9 @@ class Engine:
             if ex.conf is not None:
                 stats["conf_sum"] += ex.conf
                 stats["conf_n"] += 1
-            if ex.greedy:
+            if ex.greedy:  # the layer loop marks greedy exits only below full depth: each is a breach
                 stats["greedy"] += 1
-                if self.model.depth < self.model.num_layers:
-                    stats["breach"] += 1
+                stats["breach"] += 1
             req.token_ids.append(tok)
             req.output_ids.append(tok)
             req.num_generated += 1
@@ -461,6 +461,16 @@ class Engine:
             waiting=len(self.waiting), resident_bytes=self.resident_bytes(),
             weight_bytes=self.model.resident_bytes(), kv_bytes=self.pool.nbytes() if self.pool else 0,
             budget_bytes=self.settings.memory_budget_bytes, exit_mode=self.exit_mode)
+
+
+def slot_bytes(settings: EngineSettings, model: LayeredModel, depth: int) -> int:
+    """Memory one running request costs at ``depth``: its KV slot (and pending ring) plus its rows of
+    the step's logits at every trained exit below the last loaded layer (see ``KVPool.logits_bytes``)."""
+    elem = torch.tensor([], dtype=model.dtype).element_size()
+    kv = KVPool.slot_bytes(depth, min(settings.max_model_len, model.max_positions), model.kv_bytes_per_token_layer(),
+                           model.hidden_size, settings.pending_window, elem, settings.kv_strategy == "recompute")
+    exits = sum(1 for layer in model.heads.adapters if layer < depth - 1)
+    return kv + KVPool.logits_bytes(model.vocab_size, exits)
 
 
 def _greedy_tokens(rows: list[Request], exits) -> dict[int, int]:

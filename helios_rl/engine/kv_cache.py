@@ -43,6 +43,13 @@ class KVPool:
         """Bytes one slot costs at ``depth`` loaded layers."""
         return depth * max_len * kv_bytes_per_token_layer + (pending_window * hidden * elem if with_hbuf else 0)
 
+    @staticmethod
+    def logits_bytes(vocab_size: int, exit_evals: int) -> int:
+        """Per running row: the step's float32 logits rows. Each exit layer evaluated keeps a
+        ``[B, V]`` block alive until token selection, the last layer one more, and the confidence
+        softmax one transient: ``(exit_evals + 2) * V * 4`` bytes per row."""
+        return (exit_evals + 2) * vocab_size * 4
+
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.k + self.v)
         if self.hbuf is not None:

@@ -33,6 +33,7 @@ class StepRecord:
     finished: int
     exit_mode: str = "confidence"  # "replay": exits replayed from a measured distribution, not decided
     energy_j: float | None = None  # GPU energy over the step (NVML counter); None where not measured
+    row_positions: np.ndarray | None = None  # positions each layer ran (packed windows: real ones only)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TelemetrySnapshot:
     batch_mean: float = 0.0
     batch_max: int = 0
     exit_counts: list[int] = field(default_factory=list)
+    row_positions: list[int] = field(default_factory=list)  # positions run per layer (prefill + decode)
     mean_exit_layer: float = 0.0
     greedy_exits: int = 0
     breaches: int = 0
@@ -151,6 +153,11 @@ class Telemetry:
             for s in steps:
                 counts[: len(s.exit_counts)] += s.exit_counts
             snap.exit_counts = counts.tolist()
+            rows = np.zeros(n_layers, dtype=np.int64)
+            for s in steps:
+                if s.row_positions is not None:
+                    rows[: len(s.row_positions)] += s.row_positions
+            snap.row_positions = rows.tolist()
             total = counts.sum()
             snap.mean_exit_layer = float((counts * np.arange(n_layers)).sum() / total) if total else 0.0
             snap.greedy_exits = sum(s.greedy_exits for s in steps)

@@ -21,7 +21,7 @@ import torch
 
 from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.engine import Engine
-from helios_rl.engine.kv_cache import KVPool
+from helios_rl.engine.engine import slot_bytes as engine_slot_bytes
 from helios_rl.engine.request import SamplingParams
 from helios_rl.env.backend import config_hash, engine_version, thr_key
 from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, head_evals_per_layer, step_features
@@ -119,13 +119,8 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     exits = exit_layers_for(model, sc.exits.layers_for(name), sc.exits.measure)
     if not exits:  # no exit layers: the threshold changes nothing, one is enough
         thr_grid = thr_grid[:1]
-    elem = torch.tensor([], dtype=model.dtype).element_size()
-    adapters = sum(p.numel() * p.element_size() for a in model.heads.adapters.values() for p in a.parameters())
-    weight_bytes = [int(model.weight_bytes_at_depth(d) + adapters) for d in range(1, L + 1)]
-    max_len = min(settings.max_model_len, model.max_positions)
-    slot_bytes = [int(KVPool.slot_bytes(d, max_len, model.kv_bytes_per_token_layer(), model.hidden_size,
-                                        settings.pending_window, elem, settings.kv_strategy == "recompute"))
-                  for d in range(1, L + 1)]
+    weight_bytes = [int(model.weight_bytes_at_depth(d) + model.heads.nbytes()) for d in range(1, L + 1)]
+    slot_bytes = [int(engine_slot_bytes(settings, model, d)) for d in range(1, L + 1)]
     X, y = [], []
 
     def run(depth: int, thr, batch: int, n_prompts: int, layers) -> tuple[list[list[int]], np.ndarray, int, float, int]:

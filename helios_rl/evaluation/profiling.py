@@ -115,13 +115,13 @@ def _measure(lm, ref: str, scenario: Scenario, timer: Timer, texts: list[str]) -
     def thr(layer: int) -> float:
         return float(ex.threshold) if ex.threshold is not None else float(calibrated.get(layer, ex.default_threshold))
 
-    adapters = sum(p.numel() * p.element_size() for a in lm.heads.adapters.values() for p in a.parameters())
     prof = ModelProfile(
-        name=ref, num_layers=L, non_layer_bytes=lm.weight_bytes_at_depth(0),
-        layer_bytes=[lm.layer_bytes(i) for i in range(L)], adapter_bytes=int(adapters),
+        name=ref, num_layers=L, non_layer_bytes=lm.weight_bytes_at_depth(0), vocab_size=lm.vocab_size,
+        layer_bytes=[lm.layer_bytes(i) for i in range(L)], adapter_bytes=int(lm.heads.nbytes()),
         kv_bytes_per_token_layer=lm.kv_bytes_per_token_layer(), hidden_size=lm.hidden_size,
         elem_bytes=torch.tensor([], dtype=lm.dtype).element_size(), max_positions=lm.max_positions,
-        exit_layers=layers, heads="trained" if lm.heads.adapters else "shared", measure=ex.measure)
+        exit_layers=layers, heads="trained" if lm.heads.adapters else "shared", measure=ex.measure,
+        head_layers=sorted(lm.heads.adapters))
     tok = lm.tokenizer
     prompts = [tok(t, add_special_tokens=True)["input_ids"][:48] for t in texts] if tok is not None else \
         [[(7 * i + j) % (lm.vocab_size - 3) + 3 for j in range(16)] for i in range(len(texts))]

@@ -135,7 +135,7 @@ class TunedExitHeads(ExitHeads):
         adapter = self.adapters.get(layer)
         return self.lm_head(adapter(h) if adapter is not None else self.final_norm(h))
 
-    def extra_bytes(self) -> int:
-        """Bytes held outside the adapters (the gathered LM-head rows)."""
-        t = [x for x in (self.sub_weight, self.sub_bias, self.vocab_ids) if x is not None]
-        return sum(x.numel() * x.element_size() for x in t)
+    def _tensors(self) -> list[torch.Tensor]:
+        """Adapters plus the gathered exit-vocabulary rows of the LM head and their index."""
+        extra = [x for x in (self.sub_weight, self.sub_bias, self.vocab_ids) if x is not None]
+        return super()._tensors() + extra

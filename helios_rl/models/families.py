@@ -9,6 +9,7 @@ those questions for one instantiated (possibly meta-device) ``*ForCausalLM`` ske
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -36,6 +37,17 @@ class _CaptureKV:
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.k, self.v = k, v
         raise _KVCaptured
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise TypeError(f"{cls.__name__}.forward takes neither 'cache' nor 'past_key_values': this transformers "
+                    f"version is not supported (pyproject bounds it)")
 
 
 @dataclass
@@ -116,9 +128,18 @@ class FamilyAdapter:
             return {"position_ids": positions}
         return {"position_embeddings": tables[self.layer_type(i)], "position_ids": positions}
 
-    def run_layer(self, i: int, h: torch.Tensor, mask: torch.Tensor, cache, tables, positions) -> torch.Tensor:
-        out = self.layers[i](h, attention_mask=mask, past_key_values=cache, use_cache=True,
-                             **self.layer_kwargs(i, tables, positions))
+    @staticmethod
+    def cache_kwarg(module: nn.Module) -> str:
+        """The name ``module.forward`` takes its KV cache under: ``cache`` (transformers >= 5.2x; the
+        old ``past_key_values`` is deprecated and goes away in 5.40) or ``past_key_values``."""
+        return _cache_kwarg(type(module))
+
+    def run_layer(self, i: int, h: torch.Tensor, mask: torch.Tensor, cache, tables, positions,
+                  **attention_kwargs) -> torch.Tensor:
+        """Layer ``i`` on ``h``; ``attention_kwargs`` reach the attention function (see models.attention)."""
+        layer = self.layers[i]
+        out = layer(h, attention_mask=mask, use_cache=True, **{self.cache_kwarg(layer): cache},
+                    **self.layer_kwargs(i, tables, positions), **attention_kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def layer_kv(self, i: int, h: torch.Tensor, tables, positions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +152,7 @@ class FamilyAdapter:
         if self.model_type == "opt":
             kw = {}
         try:
-            layer.self_attn(hidden_states=x, attention_mask=None, past_key_values=cap, **kw)
+            layer.self_attn(hidden_states=x, attention_mask=None, **{self.cache_kwarg(layer.self_attn): cap}, **kw)
         except _KVCaptured:
             return cap.k, cap.v
         raise RuntimeError(f"layer {i}: attention did not write to its cache")

@@ -63,3 +63,14 @@ class ExitHeads:
 
     def has_trained(self, layer: int) -> bool:
         return layer in self.adapters
+
+    def nbytes(self) -> int:
+        """Bytes the heads hold beyond the model's own weights (adapters and any gathered rows)."""
+        seen: dict[int, int] = {}
+        for t in self._tensors():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [p for a in self.adapters.values() for p in a.parameters()]

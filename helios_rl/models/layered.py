@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from helios_rl.models import attention
 from helios_rl.models.fusion import fuse_layer
 from helios_rl.models.families import SUPPORTED_MODEL_TYPES, FamilyAdapter
 from helios_rl.models.heads import ExitHeads
@@ -116,6 +117,7 @@ class LayeredModel:
         self.config = config
         with torch.device("meta"):
             self.hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=self.dtype)
+        self.hf.config._attn_implementation = attention.NAME  # SDPA underneath, plus ragged windows
         self.hf.eval()
         self.hf.requires_grad_(False)
         self.family = FamilyAdapter.for_model(self.hf)
@@ -184,10 +186,9 @@ class LayeredModel:
                 continue
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
-        for adapter in self.heads.adapters.values():
-            for t in adapter.parameters():
-                st = t.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
+        for t in self.heads._tensors():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
         return sum(seen.values())
 
     def resident_layers(self) -> list[int]:

@@ -79,16 +79,42 @@ class EngineSection:
 
 @dataclass(frozen=True)
 class ExitSection:
-    """The exit rule: ``heads`` (auto / shared / folder), ``layers`` (auto or a list), ``threshold``.
+    """The exit rule: ``heads`` (auto / shared / folder), and the exit setting controllers choose.
+
+    *Target mode* (the default, ``threshold: calibrated`` or absent): the setting is a calibrated
+    precision target (``target``, chosen among ``targets``), which names each model's exit layers and
+    thresholds as ``tune-exits`` calibrated them; ``layers`` must be ``auto``. *Threshold mode*
+    (``threshold: <number>``, for shared heads and research): one raw confidence threshold at the
+    exit ``layers`` (auto or a list), chosen among :data:`RAW_THRESHOLDS`.
 
     ``heads`` and ``layers`` may also map model references to such values (others: ``auto``).
     """
 
     heads: str | dict[str, str] = "auto"
     layers: str | tuple[int, ...] | dict[str, str | tuple[int, ...]] = "auto"
-    threshold: float | None = None  # None: calibrated thresholds (default_threshold where none)
+    threshold: float | None = None  # None: target mode
     default_threshold: float = 0.9
     measure: str = "max_prob"
+    target: float = 0.95
+    targets: tuple[float, ...] = (0.99, 0.95, 0.9, 0.8)
+
+    @property
+    def mode(self) -> str:
+        return "target" if self.threshold is None else "threshold"
+
+    @property
+    def setting(self) -> float:
+        """The static default exit setting (a precision target, or the raw threshold)."""
+        return self.target if self.threshold is None else self.threshold
+
+    @property
+    def choices(self) -> tuple[float, ...]:
+        """The exit settings a controller or agent chooses among."""
+        return self.targets if self.threshold is None else RAW_THRESHOLDS
+
+    def knob(self, value: float | None) -> dict:
+        """``ServingConfig`` keyword for exit setting ``value`` (``target=`` or ``threshold=``)."""
+        return {"target": value} if self.threshold is None else {"threshold": value}
 
     def heads_for(self, model: str) -> str:
         """``auto``, ``shared`` or a heads folder for ``model`` (``heads`` may map models to these)."""
@@ -99,6 +125,14 @@ class ExitSection:
         if isinstance(self.layers, dict):
             return self.layers.get(model, "auto")
         return self.layers
+
+
+RAW_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # threshold mode's choices
+
+
+def exit_setting(config) -> float | None:
+    """The exit setting a ``ServingConfig`` carries: its precision target, else its raw threshold."""
+    return config.target if getattr(config, "target", None) is not None else config.threshold
 
 
 @dataclass(frozen=True)
@@ -299,8 +333,16 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
     exits = ExitSection(heads=x.get("heads", _heads, "auto"), layers=x.get("layers", _layers, "auto"),
                         threshold=x.get("threshold", _threshold, None),
                         default_threshold=x.get("default_threshold", number(0, 1), 0.9),
-                        measure=x.get("measure", choice(CONFIDENCE_MEASURES), "max_prob"))
+                        measure=x.get("measure", choice(CONFIDENCE_MEASURES), "max_prob"),
+                        target=x.get("target", number(0, 1, lo_open=True), 0.95),
+                        targets=x.get("targets", _targets, (0.99, 0.95, 0.9, 0.8)))
     x.finish()
+    if exits.mode == "target":
+        if exits.target not in exits.targets:
+            raise ParamError("exits.target", f"{exits.target} is not one of exits.targets {list(exits.targets)}")
+        if exits.layers != "auto":
+            raise ParamError("exits.layers", "a precision target names its own exit layers: use layers: auto, or "
+                                             "set a raw threshold (exits.threshold) to choose layers")
     sp = Keys(r.get("sampling", lambda v, k: v, {}), "sampling")
     sampling = SamplingSection(temperature=sp.get("temperature", number(0), 0.0), top_p=sp.get("top_p", number(0, 1, lo_open=True), 1.0),
                                ignore_eos=sp.get("ignore_eos", boolean, True))
@@ -376,6 +418,12 @@ def _heads(v: Any, key: str) -> str | dict[str, str]:
 
 def _threshold(v: Any, key: str) -> float | None:
     return None if v == "calibrated" else number(0, 1)(v, key)
+
+
+def _targets(v: Any, key: str) -> tuple[float, ...]:
+    if not isinstance(v, list) or not v:
+        raise ParamError(key, f"expected a non-empty list of precision targets in (0, 1], got {v!r}")
+    return tuple(sorted({number(0, 1, lo_open=True)(x, f"{key}[{i}]") for i, x in enumerate(v)}, reverse=True))
 
 
 def _int_list(v: Any, key: str) -> tuple[int, ...]:

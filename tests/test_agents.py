@@ -76,7 +76,7 @@ def _ctx(scenario_path):
 
     sc = Scenario.from_yaml(scenario_path)
     profiles = ensure_repository(sc, ModelLoader("cpu", None, sc.exits.heads), Timer(sc.backend.timing))
-    return sc, ControllerContext(sc.models, profiles, sc.engine.memory(), sc.slo, sc.exits.threshold, sc.exits.measure)
+    return sc, ControllerContext.for_scenario(sc, profiles)
 
 
 def test_train_writes_a_complete_reproducible_run_folder(trained):

@@ -354,3 +354,39 @@ def test_exit_heads_memory_is_resident_and_shrinks_the_admissible_batch(tiny_dir
                         vocab_size=model.vocab_size, head_layers=[1, 3])
     mem = MemorySettings(settings.memory_budget_bytes, 256, 32, 4, True)
     assert all(prof.admissible_batch(d, mem) == eng.admissible_batch(d) for d in range(1, 7))
+
+
+def test_every_precision_target_has_its_own_calibrated_exits(tuned):
+    from helios_rl.engine import Engine, EngineSettings, ServingConfig
+
+    _, model, manifest = tuned
+    assert set(manifest["targets"]) == {"0.99", "0.95", "0.9", "0.8"}
+    rates = []
+    for key, spec in manifest["targets"].items():
+        assert set(spec["layers"]) <= set(manifest["layers"])
+        for m in ("max_prob", "margin", "entropy"):
+            assert set(spec["thresholds"][m]) == {str(l) for l in spec["layers"]}
+        rates.append((float(key), spec["heldout"]["exit_rate"]))
+    rates.sort()
+    assert all(a[1] >= b[1] for a, b in zip(rates, rates[1:])), "a lower target never exits less"
+    eng = Engine(model, EngineSettings(max_batch=2, max_model_len=64))
+    eng.apply(ServingConfig(target=0.8))
+    spec = model.heads.target(0.8)
+    assert eng._policy.layers == frozenset(spec.layers)
+    assert eng._policy.thresholds == {l: spec.thresholds["max_prob"][l] for l in spec.layers}
+    assert eng.config.target == 0.8 and eng.config.threshold is None
+    eng.apply(ServingConfig(threshold=0.5, exit_layers=(1,)))  # a raw threshold replaces the target
+    assert eng.config.target is None and eng._policy.layers == frozenset({1})
+    with pytest.raises(ValueError, match=r"target 0.7 is not calibrated .*calibrated: 0.8, 0.9, 0.95, 0.99"):
+        eng.apply(ServingConfig(target=0.7))
+    assert eng.config.threshold == 0.5  # a refused target leaves the config as it was
+
+
+def test_a_target_on_a_model_without_calibrated_exits_serves_without_exits(tiny_dirs):
+    from helios_rl.engine import Engine, EngineSettings, ServingConfig
+
+    eng = Engine(_model(tiny_dirs["llama"]), EngineSettings(max_batch=2, max_model_len=64))
+    eng.apply(ServingConfig(target=0.9))
+    assert eng._policy.layers == frozenset()
+    with pytest.raises(ValueError, match="target must be a precision"):
+        eng.apply(ServingConfig(target=1.5))

@@ -106,6 +106,9 @@ def test_depth_beyond_a_model(tmp_path, tiny_text_dirs):
     with pytest.raises(ScenarioError, match=rf"{path}:12: controllers\.static\.depth: 7 is beyond .*6 layers"):
         s.check_models(facts(s))
     text = base(tiny_text_dirs) + "exits: {layers: [1, 4]}\n"
+    with pytest.raises(ScenarioError, match=r"exits\.layers: a precision target names its own exit layers"):
+        Scenario.from_yaml(write(tmp_path, text))
+    text = base(tiny_text_dirs) + "exits: {layers: [1, 4], threshold: 0.5}\n"
     s = Scenario.from_yaml(write(tmp_path, text))
     with pytest.raises(ScenarioError, match=r":13: exits\.layers\[1\]: layer 4 is not an exit layer of .*tiny-b"):
         s.check_models(facts(s))
@@ -131,11 +134,11 @@ def test_with_trace_replaces_arrivals(tmp_path, tiny_text_dirs):
 
 def test_exit_layers_per_model(tmp_path, tiny_text_dirs):
     a, b = tiny_text_dirs["tiny-a"], tiny_text_dirs["tiny-b"]
-    s = Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + f"exits:\n  layers: {{{a}: [1, 4], {b}: auto}}\n"))
+    s = Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + f"exits:\n  threshold: 0.5\n  layers: {{{a}: [1, 4], {b}: auto}}\n"))
     assert s.exits.layers_for(str(a)) == (1, 4) and s.exits.layers_for(str(b)) == "auto"
     s.check_models(facts(s))
-    s = Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + f"exits:\n  layers: {{{b}: [3]}}\n"))
-    with pytest.raises(ScenarioError, match=r":14: exits\.layers\..*tiny-b\[0\]: layer 3 is not an exit layer"):
+    s = Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + f"exits:\n  threshold: 0.5\n  layers: {{{b}: [3]}}\n"))
+    with pytest.raises(ScenarioError, match=r":15: exits\.layers\..*tiny-b\[0\]: layer 3 is not an exit layer"):
         s.check_models(facts(s))
     with pytest.raises(ScenarioError, match=r"exits\.layers\.other: 'other' is not one of the scenario's models"):
-        Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + "exits:\n  layers: {other: [1]}\n"))
+        Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + "exits:\n  threshold: 0.5\n  layers: {other: [1]}\n"))

@@ -74,7 +74,7 @@ def _context(sc, env, backend: str, say):
     else:
         loader, timer = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads), Timer(sc.backend.timing)
     profiles = ensure_repository(sc, loader, timer, say)
-    return ControllerContext(sc.models, profiles, sc.engine.memory(), sc.slo, sc.exits.threshold, sc.exits.measure)
+    return ControllerContext.for_scenario(sc, profiles)
 
 
 def compare(env: str | None, policies: list[str], baselines: list[str], seeds: int = 5, backend: str = "live",

@@ -29,22 +29,10 @@ import numpy as np
 from helios_rl.agents.config import AgentConfig, load_agent
 from helios_rl.controllers.policy import algo_class
 from helios_rl.utils.io import atomic_write_json
+from helios_rl.utils.provenance import package_versions
 
 CHECKPOINT_RE = re.compile(r"rl_model_(\d+)_steps\.zip$")
 EVAL_SEED_OFFSET = 7919  # the evaluation env's seed relative to the training seed
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("helios-rl", "torch", "transformers", "gymnasium", "stable-baselines3", "sb3-contrib", "wandb",
-                "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def run_id(scenario_name: str, agent: AgentConfig, seed: int) -> str:
@@ -115,7 +103,7 @@ def train(env: str | None, agent: str | Path, seed: int = 0, backend: str = "sim
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from helios_rl.evaluation.harness import git_revision
+    from helios_rl.utils.provenance import git_revision
     from helios_rl.scenario import load_scenario
 
     if backend not in ("sim", "live"):

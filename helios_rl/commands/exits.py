@@ -27,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=-1,
                    help="exit vocabulary size (0: full vocabulary; default: V/8 clamped to 8192..32768)")
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--target", type=float, default=0.95, help="agreement target for calibration")
+    p.add_argument("--target", type=float, default=0.95,
+                   help="the default precision target (what 'threshold: calibrated' serves)")
+    p.add_argument("--targets", default="0.99,0.95,0.9,0.8",
+                   help="precision targets to calibrate, each with its own fastest exit layers")
     p.add_argument("--mode", default="per_layer", choices=("per_layer", "overall"))
     p.add_argument("--max-layers", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -36,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--plot", default=None, help="also write the report plot to this PNG")
+    p.add_argument("--free-running-prompts", type=int, default=8,
+                   help="held-out prompts served per target to measure free-running agreement (0: skip)")
+    p.add_argument("--reproduce", nargs="?", const="shipped", default=None, metavar="HEADS",
+                   help="rerun from a heads folder's manifest (default: the heads shipped for MODEL) into --out "
+                        "and compare layers and thresholds per target; exit 1 on a difference")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="with --reproduce: allowed threshold / exit-rate difference (default 0.02)")
     p.set_defaults(func=run_tune)
 
     e = sub.add_parser("exits", help="inspect trained exit heads")
@@ -58,16 +68,47 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device, heads="shared")
+    console = Console()
+    if args.reproduce is not None:
+        return _reproduce(args, model, console)
+    targets = tuple(float(t) for t in args.targets.split(",") if t.strip())
     settings = TuneSettings(layers=args.layers, tokens=args.tokens, generated=args.generated, seq_len=args.seq_len,
                             rank=args.rank,
-                            vocab=args.vocab, epochs=args.epochs, target=args.target, mode=args.mode,
-                            max_layers=args.max_layers, seed=args.seed)
+                            vocab=args.vocab, epochs=args.epochs, target=args.target, targets=targets, mode=args.mode,
+                            max_layers=args.max_layers, seed=args.seed,
+                            free_running_prompts=args.free_running_prompts)
     manifest = tune_exits(model, settings, out=args.out, feature_cache=args.feature_cache)
-    console = Console()
     print_report(manifest, console)
     png = plot_report(manifest, args.plot or Path(manifest["path"]) / "report.png")
     console.print(f"heads saved to {manifest['path']}; plot {png}")
     return 0
+
+
+def _reproduce(args, model, console) -> int:
+    import json
+    import tempfile
+
+    from rich.table import Table
+
+    from helios_rl.exits.heads_io import shipped_heads_dir
+    from helios_rl.exits.reproduce import TOLERANCE, reproduce
+
+    source = shipped_heads_dir(model.name) if args.reproduce == "shipped" else Path(args.reproduce)
+    if source is None:
+        raise ValueError(f"no exit heads ship for {model.name!r}: pass the heads folder to reproduce")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"reproduce-{model.name}-"))
+    result = reproduce(model, source, out, args.tolerance if args.tolerance is not None else TOLERANCE,
+                       feature_cache=args.feature_cache)
+    t = Table(title=f"{model.name}: reproduction of {source} (tolerance {result['tolerance']})")
+    for col in ("target", "layers", "reproduced", "max |dthr|", "|d exit rate|", "ok"):
+        t.add_column(col, justify="right")
+    for key, row in result["targets"].items():
+        t.add_row(key, str(row.get("layers")), str(row.get("reproduced_layers")), str(row.get("max_threshold_diff")),
+                  str(row.get("exit_rate_diff")), "yes" if row["ok"] else "NO")
+    console.print(t)
+    (out / "reproduction.json").write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"reproduced heads in {out}; {'identical within tolerance' if result['ok'] else 'DIFFERENT'}")
+    return 0 if result["ok"] else 1
 
 
 def run_report(args: argparse.Namespace) -> int:

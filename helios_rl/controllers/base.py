@@ -57,8 +57,20 @@ class ControllerContext:
     profiles: dict[str, ModelProfile]
     memory: MemorySettings
     slo: SLO = SLO()
-    threshold: float | None = None  # one threshold for every exit layer; None: calibrated per layer
+    threshold: float | None = None  # the exit setting: a precision target (target mode) or a raw threshold
     measure: str = "max_prob"
+    exit_mode: str = "threshold"  # "target": ``threshold`` is a calibrated precision target (see ExitSection)
+
+    @classmethod
+    def for_scenario(cls, sc, profiles: dict[str, ModelProfile]) -> "ControllerContext":
+        """The context a scenario defines: its candidates, memory, SLO and exit setting."""
+        return cls(tuple(sc.models), profiles, sc.engine.memory(), sc.slo, sc.exits.setting, sc.exits.measure,
+                   sc.exits.mode)
+
+    def exit_kwargs(self, value: float | None) -> dict:
+        """``ServingConfig`` keyword for exit setting ``value`` (the context's own when None)."""
+        value = self.threshold if value is None else value
+        return {"target": value} if self.exit_mode == "target" else {"threshold": value}
 
     def profile(self, model: str) -> ModelProfile:
         if model not in self.profiles:
@@ -75,8 +87,9 @@ class ControllerContext:
         sent as the engine's cap, because None in a :class:`ServingConfig` would keep the old value.
         """
         batch = int(max_batch) if max_batch is not None else self.memory.max_batch
-        return ServingConfig(model=model, depth=int(depth), max_batch=batch, threshold=self.threshold,
-                             exit_layers=tuple(self.profile(model).exit_layers), measure=self.measure)
+        layers = None if self.exit_mode == "target" else tuple(self.profile(model).exit_layers)
+        return ServingConfig(model=model, depth=int(depth), max_batch=batch, exit_layers=layers, measure=self.measure,
+                             **self.exit_kwargs(None))
 
     def slo_batch(self, model: str, depth: int, ratio: float = 1.0) -> int:
         """Largest admissible batch whose predicted time per output token meets ``slo.tpot_s`` (>= 1)."""

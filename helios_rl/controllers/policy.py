@@ -182,8 +182,8 @@ class PolicyController(Controller):
         return out
 
     def _config(self, cfg: dict) -> ServingConfig:
-        thr = cfg["threshold"] if cfg["threshold"] is not None else self.ctx.threshold
-        return ServingConfig(model=cfg["model"], depth=int(cfg["depth"]), max_batch=int(cfg["batch"]), threshold=thr,
+        return ServingConfig(model=cfg["model"], depth=int(cfg["depth"]), max_batch=int(cfg["batch"]),
+                             **self.ctx.exit_kwargs(cfg["threshold"]),
                              exit_layers=tuple(self.ctx.profile(cfg["model"]).exit_layers), measure=self.ctx.measure)
 
     def act(self, obs: np.ndarray) -> Any:

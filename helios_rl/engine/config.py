@@ -21,6 +21,11 @@ class ServingConfig:
       ``"calibrated"`` (the model's calibrated thresholds); ``None`` keeps the current one.
     - ``exit_layers``: layers (0-based) where a token may exit; ``()`` disables early exit.
     - ``measure``: confidence measure (max_prob, margin, entropy).
+    - ``target``: a calibrated *precision target* (e.g. 0.95: tokens leaving early agree with the
+      model's own final layer at that rate on held-out text). It names both the exit layers and
+      their thresholds, as ``tune-exits`` calibrated them for the target, so it means the same on
+      every model; it replaces ``exit_layers`` and ``threshold``. A model without calibrated
+      targets serves a target without early exits.
     """
 
     model: str | None = None
@@ -29,6 +34,7 @@ class ServingConfig:
     threshold: float | dict[int, float] | str | None = None
     exit_layers: tuple[int, ...] | None = None
     measure: str | None = None
+    target: float | None = None
 
     def merged_over(self, base: "ServingConfig") -> "ServingConfig":
         """This config's set fields over ``base``'s."""
@@ -36,6 +42,10 @@ class ServingConfig:
         for k, v in asdict(self).items():
             if v is not None:
                 setattr(out, k, v)
+        if self.target is not None:  # a target names layers and thresholds itself
+            out.threshold, out.exit_layers = None, None
+        elif self.threshold is not None or self.exit_layers is not None:
+            out.target = None
         return out
 
     def to_dict(self) -> dict:

@@ -173,6 +173,11 @@ class Engine:
         for layer in cfg.exit_layers or ():
             if not 0 <= layer < model.num_layers:
                 raise ValueError(f"exit layer {layer} is outside {model.name}'s 0..{model.num_layers - 1}")
+        if cfg.target is not None:
+            if isinstance(cfg.target, bool) or not isinstance(cfg.target, (int, float)) or not 0.0 < cfg.target <= 1.0:
+                raise ValueError(f"target must be a precision in (0, 1], got {cfg.target!r}")
+            if model.heads.targets:
+                model.heads.target(cfg.target)  # ValueError naming the calibrated targets
         thr = cfg.threshold
         vals = thr.values() if isinstance(thr, dict) else ([] if thr in (None, "calibrated") else [thr])
         for v in vals:
@@ -215,6 +220,15 @@ class Engine:
         self._policy = self._exit_policy(cfg, model)
 
     def _exit_policy(self, cfg: ServingConfig, model: LayeredModel) -> ExitPolicy:
+        decider = self.settings.exit_replay or CONFIDENCE
+        if cfg.target is not None:
+            spec = model.heads.target(cfg.target) if model.heads.targets else None
+            if spec is None:  # nothing calibrated: no exit can claim the target
+                return ExitPolicy(measure=cfg.measure, kv_strategy=self.settings.kv_strategy, decider=decider)
+            table = spec.thresholds.get(cfg.measure, {})
+            layers = frozenset(l for l in spec.layers if l < model.depth and l in table)
+            return ExitPolicy(layers=layers, thresholds={l: float(table[l]) for l in layers}, measure=cfg.measure,
+                              kv_strategy=self.settings.kv_strategy, track_confidence=bool(layers), decider=decider)
         layers = frozenset(l for l in (cfg.exit_layers or ()) if l < model.depth)
         calibrated = model.heads.thresholds.get(cfg.measure, {})
         thr: dict[int, float] = {}
@@ -228,7 +242,7 @@ class Engine:
             else:
                 thr[layer] = float(calibrated.get(layer, self.settings.default_threshold))
         return ExitPolicy(layers=layers, thresholds=thr, measure=cfg.measure, kv_strategy=self.settings.kv_strategy,
-                          track_confidence=bool(layers), decider=self.settings.exit_replay or CONFIDENCE)
+                          track_confidence=bool(layers), decider=decider)
 
     def _resize_pool(self, slots: int, depth: int, model: LayeredModel) -> None:
         same_model = self.pool is not None and self.loop is not None and self.loop.model is model

@@ -37,7 +37,7 @@ def depth_grid(num_layers: int, buckets: int = 4) -> list[int]:
     return sorted({max(1, math.ceil(f * num_layers)) for f in np.linspace(1 / buckets, 1.0, buckets)})
 
 
-def calibrate(scenario, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, depth_buckets: int = 4,
+def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_buckets: int = 4,
               batches: tuple[int, ...] = (1, 4, 16), prompts: int = 4, new_tokens: int = 8, timing: str | None = None,
               say: Callable[[str], None] = lambda s: None) -> SimProfile:
     """Profile every model of ``scenario`` on the live engine (see module docstring)."""
@@ -48,8 +48,9 @@ def calibrate(scenario, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, dept
     timer = Timer(timing or sc.backend.timing)
     loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
     texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]
-    thr_grid = list(thresholds) + ([None] if sc.exits.threshold is None else [sc.exits.threshold])
-    thr_grid = list(dict.fromkeys(thr_grid))
+    # the exit settings controllers choose among: precision targets, or raw thresholds
+    thr_grid = list(dict.fromkeys(list(thresholds if thresholds is not None else sc.exits.choices)
+                                  + [sc.exits.setting]))
     models = {}
     t_start = time.perf_counter()
     try:
@@ -116,16 +117,32 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     # an engine without a budget (a depth the budget cannot hold is never run, a batch never exceeds it)
     admissible = [int(Engine.admissible_batch(SimpleNamespace(settings=settings), d, model)) for d in range(1, L + 1)]
     engine = Engine(model, replace(settings, memory_budget_bytes=None), loader=None, clock=clock)
-    exits = exit_layers_for(model, sc.exits.layers_for(name), sc.exits.measure)
-    if not exits:  # no exit layers: the threshold changes nothing, one is enough
-        thr_grid = thr_grid[:1]
+    targets = sc.exits.mode == "target"
+
+    def layers_for(setting) -> list[int]:
+        """Exit layers an exit setting uses on this model (a target names its own)."""
+        if not targets:
+            return exit_layers_for(model, sc.exits.layers_for(name), sc.exits.measure)
+        if setting == "off" or not model.heads.targets:
+            return []
+        return [l for l in model.heads.target(setting).layers if l < L - 1]
+
+    exits = sorted({l for t in thr_grid for l in layers_for(t)})
+    if not exits:  # no exit layers: the setting changes nothing, one is enough
+        thr_grid = [sc.exits.setting]
     weight_bytes = [int(model.weight_bytes_at_depth(d) + model.heads.nbytes()) for d in range(1, L + 1)]
     slot_bytes = [int(engine_slot_bytes(settings, model, d)) for d in range(1, L + 1)]
     X, y = [], []
 
-    def run(depth: int, thr, batch: int, n_prompts: int, layers) -> tuple[list[list[int]], np.ndarray, int, float, int]:
-        engine.apply(ServingConfig(depth=depth, max_batch=batch, threshold=thr if thr is not None else None,
-                                   exit_layers=tuple(layers), measure=sc.exits.measure))
+    def run(depth: int, thr, batch: int, n_prompts: int) -> tuple[list[list[int]], np.ndarray, int, float, int]:
+        layers = layers_for(thr)
+        if thr == "off":
+            knob = {"threshold": 1.0, "exit_layers": ()}
+        elif targets:
+            knob = {"target": thr}
+        else:
+            knob = {"threshold": thr, "exit_layers": tuple(layers)}
+        engine.apply(ServingConfig(depth=depth, max_batch=batch, measure=sc.exits.measure, **knob))
         if thr is None:  # back to the calibrated per-layer thresholds
             engine.config.threshold = None
             engine._policy = engine._exit_policy(engine.config, engine.model)
@@ -160,27 +177,28 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             engine.release(i)
         return outs, counts, breach_rate, conf_sum / conf_n if conf_n else 0.0, tokens
 
-    run(L, 1.0, 1, 1, ())  # warm-up (first calls allocate and dispatch slowly): not fitted
+    run(L, "off", 1, 1)  # warm-up (first calls allocate and dispatch slowly): not fitted
     del X[:], y[:]
-    ref, *_ = run(L, 1.0, prompts, prompts, ())  # full-depth greedy reference, no exits
+    ref, *_ = run(L, "off", prompts, prompts)  # full-depth greedy reference, no exits
     exit_stats = {}
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
     for d in depths:
         for thr in thr_grid:
-            outs, counts, breaches, conf, tokens = run(d, thr, min(prompts, admissible[d - 1]), prompts, exits)
+            outs, counts, breaches, conf, tokens = run(d, thr, min(prompts, admissible[d - 1]), prompts)
             agree = [a == b for o, r in zip(outs, ref) for a, b in zip(o, r)]
             exit_stats[f"{d}:{thr_key(thr)}"] = {
                 "p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches,
-                "agreement": float(np.mean(agree)) if agree else 1.0, "conf": conf}
+                "agreement": float(np.mean(agree)) if agree else 1.0, "conf": conf,
+                "layers": [int(l) for l in layers_for(thr)]}
         say(f"  {name}: depth {d}/{L}: {len(thr_grid)} thresholds profiled")
-    default_thr = sc.exits.threshold
+    default_thr = sc.exits.setting
     for d in sorted({depths[0], depths[-1]}):
         # the sweep always reaches the largest batch the budget admits at this depth: a step-time model
         # fitted on small batches alone extrapolates far too fast to the batches controllers really run
         # (on the default scenario: 34 simulated vs 25 live tokens/s at batch 64)
         for bb in sorted({min(b, admissible[d - 1]) for b in batches} | {admissible[d - 1]}):
             if bb >= 1:
-                run(d, default_thr, bb, bb, exits)
+                run(d, default_thr, bb, bb)
     say(f"  {name}: batch sweep done ({len(y)} steps measured)")
     coef, sigma = _fit(np.array(X), np.array(y))
     engine.pool = None

@@ -34,6 +34,7 @@ import numpy as np
 from gymnasium import spaces
 
 from helios_rl.engine.config import ServingConfig
+from helios_rl.scenario import exit_setting
 from helios_rl.env.backend import Interval
 from helios_rl.env.spaces import DEFAULT_THRESHOLDS, EXIT_BUCKETS, ActionCodec, ObservationBuilder, build_spec  # noqa: F401
 
@@ -64,14 +65,15 @@ class HeliosServingEnv(gym.Env):
 
     def __init__(self, scenario: Any = None, backend: str | None = None, profile: str | None = "auto",
                  interval_s: float | None = None, horizon: int | None = None, objective: str | None = None,
-                 reward_weights: dict | None = None, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+                 reward_weights: dict | None = None, thresholds: tuple[float, ...] | None = None,
                  depth_buckets: int = 4, action_mode: str = "multi", noise: bool = True, randomize: float = 0.0,
                  clock: str | None = None, timing: str | None = None, record: str | None = None) -> None:
         from helios_rl.scenario import Scenario, load_scenario
 
         self.kwargs = {k: v for k, v in dict(backend=backend, profile=profile, interval_s=interval_s, horizon=horizon,
                                              objective=objective, reward_weights=reward_weights,
-                                             thresholds=list(thresholds), depth_buckets=depth_buckets,
+                                             thresholds=None if thresholds is None else list(thresholds),
+                                             depth_buckets=depth_buckets,
                                              action_mode=action_mode, noise=noise, randomize=randomize, clock=clock,
                                              timing=timing).items() if v is not None}
         self.scenario = load_scenario(scenario)
@@ -121,10 +123,12 @@ class HeliosServingEnv(gym.Env):
         rate, new_tokens = self.workload.rates(0)
         norm = {"rate": rate, "demand_tps": max(rate * new_tokens, 1e-9), "ttft_s": sc.slo.ttft_s,
                 "tpot_s": sc.slo.tpot_s, "interval_s": self.interval_s}
-        self.space_spec = build_spec(self.models, self.L, self.cap, self.backend.admissible, thresholds, depth_buckets,
+        # the exit dimension: calibrated precision targets (target mode) or raw thresholds (threshold mode)
+        choices = tuple(thresholds) if thresholds is not None else sc.exits.choices
+        self.space_spec = build_spec(self.models, self.L, self.cap, self.backend.admissible, choices, depth_buckets,
                                action_mode, norm)
         self.codec = ActionCodec(self.space_spec, self.backend.admissible)
-        self.observer = ObservationBuilder(self.space_spec, sc.exits.default_threshold)
+        self.observer = ObservationBuilder(self.space_spec, sc.exits.setting)
         self.depth_values, self.batch_values = self.space_spec.depth_values, self.space_spec.batch_values
         self.thresholds = tuple(self.space_spec.thresholds)
         self.dims = self.codec.dims
@@ -165,7 +169,7 @@ class HeliosServingEnv(gym.Env):
         if options and options.get("config"):
             cfg = {**cfg, **options["config"]}
         self.backend.reset(self._seed, ServingConfig(model=cfg["model"], depth=cfg["depth"], max_batch=cfg["batch"],
-                                                     threshold=cfg["threshold"]))
+                                                     **self.scenario.exits.knob(cfg["threshold"])))
         self._cfg = cfg
         self.steps = 0
         self.last_switch = 0.0
@@ -217,9 +221,9 @@ class HeliosServingEnv(gym.Env):
         same = model == cur["model"]
         depth = config.depth if config.depth is not None else (cur["depth"] if same else self.L[model])
         batch = config.max_batch if config.max_batch is not None else (cur["batch"] if same else None)
-        thr = cur["threshold"] if config.threshold is None else config.threshold
+        thr = cur["threshold"] if exit_setting(config) is None else exit_setting(config)
         if thr == "calibrated":
-            thr = None
+            thr = self.scenario.exits.setting
         # a depth beyond the model or a batch beyond the budget is cut silently (controllers ask for
         # "as deep / as large as fits"); a depth the budget cannot hold counts as adjusted
         return self.codec.clamp(model, min(int(depth), self.L[model]), batch, thr, cur, batch_adjusts=False)
@@ -230,7 +234,7 @@ class HeliosServingEnv(gym.Env):
             t_decision = self.backend.now
             try:
                 cost = self.backend.apply(ServingConfig(model=cfg["model"], depth=cfg["depth"], max_batch=cfg["batch"],
-                                                        threshold=cfg["threshold"]))
+                                                        **self.scenario.exits.knob(cfg["threshold"])))
                 if cfg["model"] != self._cfg["model"] or cfg["depth"] != self._cfg["depth"]:
                     self.last_switch = t_decision
                 self._cfg = cfg
@@ -325,4 +329,4 @@ def initial_config(scenario, models, num_layers: dict, admissible) -> dict:
     depth = (st.depth if st is not None and st.depth else None) or num_layers[model]
     while depth > 1 and admissible(model, depth) < 1:
         depth -= 1
-    return {"model": model, "depth": depth, "batch": admissible(model, depth), "threshold": scenario.exits.threshold}
+    return {"model": model, "depth": depth, "batch": admissible(model, depth), "threshold": scenario.exits.setting}

@@ -83,7 +83,7 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     sim = SimBackend(prof, sc, work, noise=False)
     interval = sc.backend.interval_s
     profiles = ensure_repository(sc, live.loader, live.timer, say)
-    ctx = ControllerContext(sc.models, profiles, sc.engine.memory(), sc.slo, sc.exits.threshold, sc.exits.measure)
+    ctx = ControllerContext.for_scenario(sc, profiles)
     out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval, "controllers": {}}
     try:
         for name in controllers:

@@ -17,6 +17,7 @@ import torch
 
 from helios_rl.controllers.repository import checkpoint_facts
 from helios_rl.engine.config import ServingConfig
+from helios_rl.scenario import exit_setting
 from helios_rl.engine.engine import Engine
 from helios_rl.engine.request import RequestError, SamplingParams
 from helios_rl.env.backend import Interval, episode_summary
@@ -103,7 +104,7 @@ class LiveBackend:
                 model.unload()
             model = self.loader(config.model, config.depth)
         self.engine = Engine(model, self.settings, loader=self.loader, clock=self.clock)
-        self.engine.apply(ServingConfig(max_batch=config.max_batch, threshold=config.threshold,
+        self.engine.apply(ServingConfig(max_batch=config.max_batch, threshold=config.threshold, target=config.target,
                                         exit_layers=self._exit_layers(), measure=self.scenario.exits.measure))
         self.seed = seed
         self.pending = sorted(self.workload.requests(seed), key=lambda r: r.arrival_s)
@@ -123,9 +124,9 @@ class LiveBackend:
         switching = config.model is not None and config.model != before_model
         t0 = self.timer.start()
         cfg = ServingConfig(model=config.model, depth=config.depth, max_batch=config.max_batch,
-                            threshold=config.threshold, exit_layers=() if switching else None)
+                            threshold=config.threshold, target=config.target, exit_layers=() if switching else None)
         eng.apply(cfg)  # ValueError when infeasible: the engine keeps its config
-        if switching:
+        if switching and eng.config.target is None:  # raw thresholds: the new model's exit layers
             eng.apply(ServingConfig(exit_layers=self._exit_layers()))
         after = eng.model.resident_bytes()
         loaded = after if eng.model.name != before_model else max(0, after - before_bytes)
@@ -198,7 +199,7 @@ class LiveBackend:
             eng.release(r.request_id)
         agreement = None
         if self.sim_profile is not None and snap.model in self.sim_profile.models:
-            agreement = self.sim_profile.models[snap.model].exit_stats(snap.depth, eng.config.threshold)[2]
+            agreement = self.sim_profile.models[snap.model].exit_stats(snap.depth, exit_setting(eng.config))[2]
         return Interval(snap, met, missed, agreement, busy, failure, slo_met_tokens=met_tokens)
 
     def summary(self) -> dict:

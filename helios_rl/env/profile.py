@@ -88,11 +88,22 @@ class ModelSim:
         p = full.copy()
         p[depth - 1] = full[depth - 1:].sum()
         p[depth:] = 0.0
-        breach = float(full[depth:].sum()) if depth < self.num_layers else 0.0
+        # below full depth every token reaching the last loaded layer is a breach, unless that layer is
+        # one of the setting's exit layers (then the tokens that exited there confidently are not)
+        at_cut = 0.0 if depth - 1 in self.layers_for(threshold) else float(full[depth - 1])
+        breach = float(full[depth:].sum()) + at_cut if depth < self.num_layers else 0.0
         ds = [d for d, _ in rows]
         agree = float(np.interp(depth, ds, [v["agreement"] for _, v in rows]))
         conf = float(np.interp(depth, ds, [v["conf"] for _, v in rows]))
         return p, breach, agree, conf
+
+    def layers_for(self, threshold: float | None) -> list[int]:
+        """The exit layers an exit setting uses (a precision target names its own; recorded per point)."""
+        tk = self._nearest_thr(threshold)
+        for k, v in self.exits.items():
+            if k.split(":")[1] == tk and "layers" in v:
+                return [int(l) for l in v["layers"]]
+        return list(self.exit_layers)
 
     def _nearest_thr(self, threshold: float | None) -> str:
         keys = {k.split(":")[1] for k in self.exits}

@@ -20,6 +20,7 @@ from collections import deque
 import numpy as np
 
 from helios_rl.engine.config import ServingConfig
+from helios_rl.scenario import exit_setting
 from helios_rl.engine.telemetry import TelemetrySnapshot
 from helios_rl.env.backend import Interval, episode_summary, percentiles
 from helios_rl.env.profile import ModelSim, SimProfile, head_evals_per_layer
@@ -72,7 +73,7 @@ class SimBackend:
         self.scale = 1.0 + (self.rng.uniform(-self.randomize, self.randomize) if self.randomize > 0 else 0.0)
         self.model = ""
         self.depth = 0
-        self._set(config.model, config.depth or self.num_layers[config.model], config.max_batch, config.threshold)
+        self._set(config.model, config.depth or self.num_layers[config.model], config.max_batch, exit_setting(config))
         self.prev_end = 0.0
 
     def apply(self, config: ServingConfig) -> float:
@@ -89,7 +90,7 @@ class SimBackend:
             raise ValueError(f"memory budget {self.budget} bytes cannot hold {model} at depth {depth} plus one "
                              f"request's KV")
         batch = config.max_batch if config.max_batch is not None else self.req_batch
-        thr = config.threshold if config.threshold is not None else self.threshold
+        thr = exit_setting(config) if exit_setting(config) is not None else self.threshold
         ms = self.profile.models[model]
         cost = 0.0
         if model != self.model:
@@ -145,7 +146,7 @@ class SimBackend:
         """Exit statistics and step-time constants of one config (cached per config)."""
         p, breach, agreement, conf = ms.exit_stats(depth, threshold)
         p = p / p.sum() if p.sum() > 0 else p
-        heads = head_evals_per_layer(ms.num_layers, depth, ms.exit_layers)
+        heads = head_evals_per_layer(ms.num_layers, depth, ms.layers_for(threshold))
         m = float((p * np.arange(1, ms.num_layers + 1)).sum())
         h = float((p * heads).sum())
         c = ms.step_coef

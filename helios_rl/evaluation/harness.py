@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from helios_rl.evaluation.runtime import ModelLoader, Timer, set_threads
 from helios_rl.scenario import Scenario
 from helios_rl.utils.device import parse_dtype, resolve_device
 from helios_rl.utils.io import atomic_write_json, atomic_write_text
+from helios_rl.utils.provenance import git_revision  # noqa: F401  (re-exported for callers)
 from helios_rl.workload.spec import SpecError
 from helios_rl.workload.workload import RequestSpec, build_workload, save_requests
 
@@ -76,14 +76,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def git_revision() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _objective(m: dict, objective: str) -> float:
     if objective == "goodput":
         return m["goodput_rps"]
@@ -122,8 +114,7 @@ class Evaluation:
         self.loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
         self.timer = Timer(sc.backend.timing)
         self.profiles = ensure_repository(sc, self.loader, self.timer, self.say)
-        self.ctx = ControllerContext(sc.models, self.profiles, sc.engine.memory(), sc.slo, sc.exits.threshold,
-                                     sc.exits.measure)
+        self.ctx = ControllerContext.for_scenario(sc, self.profiles)
         self.scorer = AccuracyScorer(self.loader, sc.engine.max_model_len) if sc.evaluation.accuracy else None
 
     def _score(self, res: ReplayResult):

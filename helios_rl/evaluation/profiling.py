@@ -109,11 +109,16 @@ def build_profile(ref: str, scenario: Scenario, loader: ModelLoader, timer: Time
 def _measure(lm, ref: str, scenario: Scenario, timer: Timer, texts: list[str]) -> ModelProfile:
     ex = scenario.exits
     L = lm.num_layers
-    layers = exit_layers_for(lm, ex.layers_for(ref), ex.measure)
-    calibrated = lm.heads.thresholds.get(ex.measure, {})
+    if ex.mode == "target":  # the scenario's default precision target names layers and thresholds
+        spec = lm.heads.target(ex.target) if lm.heads.targets else None
+        table = spec.thresholds.get(ex.measure, {}) if spec is not None else {}
+        layers = [l for l in (spec.layers if spec is not None else ()) if l < L - 1]
+    else:
+        layers = exit_layers_for(lm, ex.layers_for(ref), ex.measure)
+        table = {}
 
     def thr(layer: int) -> float:
-        return float(ex.threshold) if ex.threshold is not None else float(calibrated.get(layer, ex.default_threshold))
+        return float(ex.threshold) if ex.threshold is not None else float(table.get(layer, 1.1))
 
     prof = ModelProfile(
         name=ref, num_layers=L, non_layer_bytes=lm.weight_bytes_at_depth(0), vocab_size=lm.vocab_size,
@@ -170,8 +175,9 @@ def _simulate_exits(prof: ModelProfile, lm, seqs: list[tuple[list[int], list[int
             exited |= hit
         rest = ~exited
         token[rest] = fin[rest] if d == L else a[d - 1][rest]
-        if d < L and any(l < d for l in layers):
-            greedy = rest & (c[d - 1] < thr(d - 1))
+        if d < L:  # below full depth every token still in flight at the last loaded layer is a breach,
+            # unless that layer is an exit layer and the token meets its threshold there
+            greedy = rest & (c[d - 1] < thr(d - 1)) if d - 1 in layers else rest
         else:
             greedy = np.zeros(n, dtype=bool)
         prof.agreement[d] = float((token == fin).mean()) if n else 1.0

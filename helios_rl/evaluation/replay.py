@@ -91,7 +91,7 @@ def replay(scenario: Scenario, controller: Controller, requests: list[RequestSpe
     engine = Engine(loader(first.model, first.depth), scenario.engine.settings(scenario.exits.measure,
                     scenario.exits.default_threshold), loader=loader, clock=clock)
     engine.apply(ServingConfig(max_batch=first.max_batch, threshold=first.threshold, exit_layers=first.exit_layers,
-                               measure=first.measure))
+                               measure=first.measure, target=first.target))
     meter = EnergyMeter(scenario.evaluation.cpu_watts_per_core)  # serving only: not the initial load
     wall0 = time.perf_counter()
     outcomes = {r.request_id: RequestOutcome(r.request_id, r.task, r.arrival_s, format_prompt(r)) for r in requests}

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from helios_rl.exits.heads import TunedExitHeads, new_adapter
-from helios_rl.models.heads import CONFIDENCE_MEASURES
+from helios_rl.models.heads import CONFIDENCE_MEASURES, ExitTarget
 from helios_rl.utils.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "helios_rl.exit_heads/1"
@@ -36,9 +36,18 @@ class ExitHeadsError(ValueError):
     """Exit heads that cannot be used with this model; the message names the file and the problem."""
 
 
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+
+
 def default_heads_dir(model) -> Path:
-    """Where ``tune-exits`` saves and the registry looks for a model's heads."""
+    """Where ``tune-exits`` saves and the registry looks first for a model's heads."""
     return Path(model.path) / HEADS_DIRNAME
+
+
+def shipped_heads_dir(name: str) -> Path | None:
+    """The heads installed with helios_rl for bundled model ``name`` (None when none ship)."""
+    folder = SHIPPED_DIR / name
+    return folder if (folder / MANIFEST_FILE).exists() else None
 
 
 def config_hash(model) -> str:
@@ -88,8 +97,8 @@ def save_exit_heads(model, heads: TunedExitHeads, rank: int, extra: dict, path: 
         for name, t in adapter.state_dict().items():
             tensors[f"layers.{layer}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
             shapes[str(layer)][name] = list(t.shape)
-    if heads.vocab_ids is not None:
-        tensors["vocab_ids"] = heads.vocab_ids.detach().to("cpu", torch.int64).contiguous()
+    if heads.vocab_ids is not None:  # int32: every vocabulary here is far below 2**31
+        tensors["vocab_ids"] = heads.vocab_ids.detach().to("cpu", torch.int32).contiguous()
     blob = st_save(tensors, metadata={"format": FORMAT})
     atomic_write_bytes(folder / WEIGHTS_FILE, blob)
     manifest = describe(model, heads, rank, extra)
@@ -151,6 +160,7 @@ def build_heads(model, manifest: dict, folder: Path) -> TunedExitHeads:
         raise ExitHeadsError(f"{mfile}: head rank must be a positive integer, got {rank!r}")
     vocab_ids = tensors.pop("vocab_ids", None)
     if vocab_ids is not None:
+        vocab_ids = vocab_ids.to(torch.int64)
         if vocab_ids.dim() != 1 or vocab_ids.numel() == 0 or int(vocab_ids.min()) < 0 \
                 or int(vocab_ids.max()) >= model.vocab_size or vocab_ids.unique().numel() != vocab_ids.numel():
             raise ExitHeadsError(f"{wfile}: vocab_ids must be distinct token ids in [0, {model.vocab_size})")
@@ -178,6 +188,11 @@ def build_heads(model, manifest: dict, folder: Path) -> TunedExitHeads:
     if tensors:
         raise ExitHeadsError(f"{wfile}: unexpected tensors {sorted(tensors)[:4]} (layers in the manifest: {layers})")
     heads.thresholds = parse_thresholds(manifest.get("thresholds", {}), mfile)
+    heads.targets = parse_targets(manifest.get("targets", {}), mfile)
+    for t in heads.targets.values():
+        if not set(t.layers) <= set(heads.adapters):
+            raise ExitHeadsError(f"{mfile}: target {t.target:g} uses layers {list(t.layers)} without trained heads "
+                                 f"(heads: {sorted(heads.adapters)})")
     heads.source = str(folder)
     heads.manifest = manifest
     if heads.vocab_ids is not None:  # gathered rows in the model's dtype
@@ -199,6 +214,28 @@ def parse_thresholds(section: dict, mfile: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def parse_targets(section: dict, mfile: Path) -> dict[float, ExitTarget]:
+    """``{"0.95": {"layers": [..], "thresholds": {measure: {layer: thr}}, ...}}`` -> ``{0.95: ExitTarget}``."""
+    out: dict[float, ExitTarget] = {}
+    if not isinstance(section, dict):
+        raise ExitHeadsError(f"{mfile}: 'targets' must be a mapping of precision targets")
+    for key, spec in section.items():
+        try:
+            t = float(key)
+        except ValueError:
+            raise ExitHeadsError(f"{mfile}: precision target {key!r} is not a number") from None
+        if not 0.0 < t <= 1.0 or not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+            raise ExitHeadsError(f"{mfile}: bad precision target entry {key!r}")
+        thr = parse_thresholds({"by_measure": spec.get("thresholds", {})}, mfile)
+        layers = tuple(sorted(int(x) for x in spec["layers"]))
+        for m, tab in thr.items():
+            if set(tab) != set(layers):
+                raise ExitHeadsError(f"{mfile}: target {key}: {m} thresholds cover layers {sorted(tab)}, "
+                                     f"not the target's {list(layers)}")
+        out[t] = ExitTarget(t, layers, thr, dict(spec.get("heldout", {})), dict(spec.get("served", {})))
+    return out
+
+
 def load_exit_heads(model, path: str | Path | None = None, allow_fallback: bool = False) -> bool:
     """Attach trained exit heads to ``model``; True when attached.
 
@@ -217,16 +254,29 @@ def load_exit_heads(model, path: str | Path | None = None, allow_fallback: bool 
             raise
         warnings.warn(f"{exc}; using the shared exit head instead", RuntimeWarning, stacklevel=2)
         return False
+    heads.origin = "shipped" if folder.resolve().parent == SHIPPED_DIR.resolve() else \
+        ("tuned" if path is None else "folder")
     model.heads = heads
     return True
 
 
 def attach_heads(model, heads: str = "auto") -> bool:
-    """Registry hook: ``auto`` loads heads when present, ``shared`` never, anything else is a folder."""
+    """Registry hook. ``auto``: the user's own ``tune-exits`` output beside the model when there is
+    one, else the heads shipped with helios_rl for a bundled model, else none; ``shipped`` only the
+    shipped ones; ``shared`` never; anything else is a heads folder. Heads that do not match the model
+    (config hash, weights fingerprint, file hashes) are an error, never a silent fall-back."""
     if heads == "shared":
         return False
-    if heads == "auto":
+    if heads == "auto" and (default_heads_dir(model) / MANIFEST_FILE).exists():
         return load_exit_heads(model)
+    if heads in ("auto", "shipped"):
+        shipped = shipped_heads_dir(model.name)
+        if shipped is None:
+            if heads == "shipped":
+                raise ExitHeadsError(f"no exit heads ship for {model.name!r} (shipped: "
+                                     f"{', '.join(sorted(p.name for p in SHIPPED_DIR.glob('*'))) or 'none'})")
+            return False
+        return load_exit_heads(model, shipped)
     return load_exit_heads(model, heads)
 
 

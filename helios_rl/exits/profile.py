@@ -196,3 +196,37 @@ def workload_prompts(model, n: int = 12, max_prompt_tokens: int = 128, seed: int
                                            add_generation_prompt=True)
         out.append(text)
     return out
+
+
+def free_running_match(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of served tokens equal to the full model's own greedy continuation at the same position
+    (free-running agreement: one divergence usually changes everything after it)."""
+    same = sum(a == b for o, f in zip(outputs, reference) for a, b in zip(o, f))
+    total = sum(len(o) for o in outputs)
+    return same / total if total else 1.0
+
+
+def target_agreement(model, targets: list[float], prompts: int | list[str] = 8, max_new_tokens: int = 32,
+                     seed: int = 0, progress: bool = False, batch: int | None = None) -> dict[float, dict]:
+    """Serve held-out prompts at full depth and at each precision target (greedy, EOS ignored) and
+    measure, per target, the free-running and teacher-forced agreement of the served tokens with the
+    full model, the exit rate and the mean exit layer. ``model`` must be loaded to full depth."""
+    from tqdm.auto import tqdm
+
+    texts = heldout_prompts(model, prompts, 96, seed) if isinstance(prompts, int) else list(prompts)
+    engine = Engine(model, EngineSettings(max_batch=batch or len(texts), max_model_len=96 + max_new_tokens + 64))
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    engine.apply(ServingConfig(exit_layers=()))
+    reference = [list(r.output_ids) for r in engine.generate(texts, params)]
+    out = {}
+    for t in tqdm(targets, desc="free-running agreement per target", disable=not progress, leave=False):
+        engine.apply(ServingConfig(target=t))
+        reqs = engine.generate(texts, params)
+        good, total = teacher_forced_agreement(model, reqs)
+        layers = np.concatenate([np.asarray(r.exit_layers, dtype=np.int64) for r in reqs])
+        out[t] = {"free_running_agreement": round(free_running_match([list(r.output_ids) for r in reqs], reference), 4),
+                  "teacher_forced_agreement": round(good / max(total, 1), 4),
+                  "exit_rate": round(float((layers < model.num_layers - 1).mean()), 4),
+                  "mean_exit_layer": round(float(layers.mean()), 3), "tokens": int(total),
+                  "prompts": len(texts), "max_new_tokens": max_new_tokens}
+    return out

@@ -44,10 +44,31 @@ def report_table(manifest: dict) -> Table:
     return t
 
 
+def frontier_table(manifest: dict) -> Table | None:
+    """Per precision target: its exit layers, held-out exit rate and precision (teacher-forced, measured
+    by ``tune-exits`` against the final layer) and, where measured, the served tokens' free-running
+    and teacher-forced agreement with the full model."""
+    targets = manifest.get("targets")
+    if not targets:
+        return None
+    t = Table(title=f"{manifest['model']['name']}: exit-rate / agreement frontier per precision target")
+    for col in ("target", "exit layers", "held-out exit rate", "held-out precision", "est. speedup (b=1, modelled)",
+                "served exit rate", "free-running agr.", "teacher-forced agr."):
+        t.add_column(col, justify="right")
+    for key in sorted(targets, key=float, reverse=True):
+        r = targets[key]
+        h, sv = r.get("heldout", {}), r.get("served", {})
+        t.add_row(key, str(r["layers"]) if r["layers"] else "none", _fmt(h.get("exit_rate")), _fmt(h.get("precision")),
+                  f"{r.get('estimated_speedup_batch1', 1.0):.3f}x", _fmt(sv.get("exit_rate")),
+                  _fmt(sv.get("free_running_agreement")), _fmt(sv.get("teacher_forced_agreement")))
+    return t
+
+
 def summary_lines(manifest: dict) -> list[str]:
     m = manifest["metrics"]
     c = m.get("cascade", {})
-    lines = [f"selected exit layers {manifest['layers']} of candidates {manifest.get('candidates')}; "
+    lines = [f"trained exit layers {manifest['layers']} of candidates {manifest.get('candidates')}; at the default "
+             f"target {manifest['thresholds']['target']:g}: "
              f"held-out coverage {_fmt(c.get('coverage'))}, overall agreement {_fmt(c.get('agreement'))}; "
              f"estimated batch-1 speedup {m.get('estimated_speedup_batch1')}x",
              f"precision gain vs shared head at equal coverage: {m.get('precision_gain_vs_shared')}x"]
@@ -103,5 +124,8 @@ def plot_report(manifest: dict, path: str | Path) -> Path:
 def print_report(manifest: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(report_table(manifest))
+    frontier = frontier_table(manifest)
+    if frontier is not None:
+        console.print(frontier)
     for line in summary_lines(manifest):
         console.print(line)

@@ -10,6 +10,7 @@ threshold per layer reads the same way for all of them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -37,6 +38,18 @@ def confidence(logits: torch.Tensor, measure: str = "max_prob") -> torch.Tensor:
     raise ValueError(f"unknown confidence measure {measure!r}; choose one of {CONFIDENCE_MEASURES}")
 
 
+@dataclass(frozen=True)
+class ExitTarget:
+    """A calibrated precision target: where tokens may exit and at what confidence, so that tokens
+    leaving early agree with the model's own final layer at rate >= ``target`` on held-out text."""
+
+    target: float
+    layers: tuple[int, ...]
+    thresholds: dict  # measure -> {layer: threshold}
+    heldout: dict = field(default_factory=dict)  # exit_rate, agreement, precision measured by tune-exits
+    served: dict = field(default_factory=dict)  # free-running / teacher-forced agreement of served tokens
+
+
 class ExitHeads:
     """Per-layer exit heads over one model's shared LM head.
 
@@ -50,7 +63,9 @@ class ExitHeads:
         self.lm_head = lm_head
         self.adapters: dict[int, nn.Module] = {}
         self.thresholds: dict[str, dict[int, float]] = {}  # measure -> layer -> calibrated threshold
+        self.targets: dict[float, ExitTarget] = {}  # precision target -> calibrated exit layers and thresholds
         self.source: str = "shared"
+        self.origin: str = "shared"  # shared / shipped (installed with helios_rl) / tuned (beside the model) / folder
 
     def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits from the hidden state after ``layer`` (0-based)."""
@@ -60,6 +75,14 @@ class ExitHeads:
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's own head, as used at full depth."""
         return self.lm_head(self.final_norm(h))
+
+    def target(self, target: float) -> ExitTarget:
+        """The calibrated exits for precision ``target`` (ValueError naming the calibrated ones)."""
+        for t, spec in self.targets.items():
+            if abs(t - float(target)) < 1e-9:
+                return spec
+        have = ", ".join(f"{t:g}" for t in sorted(self.targets)) or "none (no trained exit heads)"
+        raise ValueError(f"precision target {target:g} is not calibrated for these exit heads (calibrated: {have})")
 
     def has_trained(self, layer: int) -> bool:
         return layer in self.adapters

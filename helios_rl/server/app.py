@@ -292,7 +292,7 @@ def create_app(rt: ServerRuntime) -> FastAPI:
                 return error(400, "threshold: must be in [0, 1]", "threshold")
         cfg = ServingConfig(model=body.model, depth=body.depth, max_batch=body.max_batch, threshold=thr,
                             exit_layers=None if body.exit_layers is None else tuple(body.exit_layers),
-                            measure=body.measure)
+                            measure=body.measure, target=body.target)
         problem = rt.control.check(cfg) if any(v is not None for v in vars(cfg).values()) else None
         if problem is not None:
             rt.metrics.overrides.labels("rejected").inc()

@@ -138,6 +138,9 @@ def feasibility(ctx: Any, current: Callable[[], Any]) -> FeasibilityCheck:
         for v in (thr.values() if isinstance(thr, dict) else [] if thr is None else [thr]):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 return f"threshold: must be in [0, 1], got {v!r}"
+        t = cfg.target
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0):
+            return f"target: must be a precision in (0, 1], got {t!r}"
         if cfg.measure is not None and cfg.measure not in CONFIDENCE_MEASURES:
             return f"measure: must be one of {list(CONFIDENCE_MEASURES)}, got {cfg.measure!r}"
         return None
@@ -167,7 +170,7 @@ def build_runtime(ctx: Any, engine_settings: EngineSettings, loader: ModelLoader
     engine = Engine(model, engine_settings, loader=loader)
     engine.telemetry = Telemetry(max_records=settings.telemetry_records)
     engine.apply(ServingConfig(max_batch=first.max_batch, threshold=first.threshold, exit_layers=first.exit_layers,
-                               measure=first.measure))
+                               measure=first.measure, target=first.target))
     loop = EngineLoop(engine, metrics, plane, models=list(ctx.candidates), max_queue=settings.max_queue,
                       interval_s=settings.interval_s, torch_threads=settings.torch_threads)
     holder["loop"] = loop
@@ -205,7 +208,7 @@ def runtime_from_scenario(path: str, controller: str = "helios", shadow: str | N
         profs = {m: facts[m].as_profile() for m in sc.models}
     else:
         raise ValueError(f"--profiles must be auto or facts, got {profiles!r}")
-    ctx = ControllerContext(sc.models, profs, sc.engine.memory(), sc.slo, sc.exits.threshold, sc.exits.measure)
+    ctx = ControllerContext.for_scenario(sc, profs)
     settings = settings or ServerSettings(served_name=sc.name, interval_s=sc.backend.interval_s,
                                           default_temperature=sc.sampling.temperature, seed=sc.seed)
     if settings.torch_threads is None:

@@ -187,6 +187,8 @@ class ConfigOverride(BaseModel):
     threshold: float | dict[str, float] | None = Field(None, description="one threshold, or {layer: threshold}")
     exit_layers: list[int] | None = None
     measure: Literal["max_prob", "margin", "entropy"] | None = None
+    target: float | None = Field(None, gt=0.0, le=1.0,
+                                 description="a calibrated precision target (names exit layers and thresholds)")
     pin: bool | None = None
 
 
@@ -197,6 +199,7 @@ class ServingConfigBody(BaseModel):
     threshold: float | dict[str, float] | None
     exit_layers: list[int] | None
     measure: str | None
+    target: float | None = None
 
 
 class AdminState(BaseModel):

@@ -1,14 +1,25 @@
-"""Benchmark: engine throughput and agreement with trained exit heads vs full depth (issue #3).
+"""Benchmark: what the exit heads buy when served, by wall clock, and how far it is from what they allow.
 
-Generates greedily (EOS ignored) from held-out real prompts (news/wiki completion, summarisation,
-ShareGPT chat; never seen by ``tune-exits``) at full depth and with the tuned exits at several
-calibrated agreement targets (and optional uniform thresholds), same prompts, same batch cap, runs
-interleaved and repeated so a shared CPU's load hits every config alike (median tokens/s reported).
-Agreement is teacher-forced: each generated token is compared with the full model's argmax given
-the same prefix. Throughput is reported two ways: engine tokens per wall-clock second, and tokens per
-second of the process's CPU time (single-threaded by default), which other users' load on a shared
-CPU distorts much less; the summary's ``speedup_at_target`` uses the CPU-time figure and
-``speedup_at_target_wall`` the wall-clock one.
+Serves held-out real prompts (news/wiki completion, summarisation, ShareGPT chat; never seen by
+``tune-exits``) greedily with EOS ignored, at full depth and at every calibrated precision target,
+under both KV strategies for skipped layers (``recompute``: exact, deferred; ``copy``: CALM's K/V
+projections of the exit state), at batch 1 and batch 8. Configs run interleaved and repeated, so a
+shared CPU's load hits each alike; the median is reported.
+
+Headline figures (what a user feels):
+
+* ``speedup_wall_at_target``: tokens per wall-clock second at the target over full depth.
+* ``free_running_agreement_at_target``: share of served tokens equal to the full model's *own*
+  greedy continuation at the same position. ``teacher_forced_agreement_at_target`` (each token vs
+  the full model's argmax on the same prefix) is reported beside it, labelled.
+
+Diagnostics:
+
+* ``ideal_speedup`` (modelled): what the measured exit histogram allows with the measured per-layer,
+  exit-evaluation and LM-head costs (fastest-of-rounds timings at the same batch), if an exited
+  token cost only its layers and exit evaluations; ``exit_efficiency`` = measured / ideal.
+* ``row_positions_ratio``: positions run per layer with exits over the full-depth run of the same
+  prompts and token counts (largest over layers; <= 1 means exits never add layer work).
 
     python benchmarks/exits.py --model smollm2-135m --out smollm2.json
 """
@@ -24,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -31,35 +43,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", required=True, help="JSON results file")
-    p.add_argument("--heads", default="auto", help="auto (the model's tuned heads) or a heads folder")
+    p.add_argument("--heads", default="auto", help="auto (yours, else the shipped heads), shipped, or a heads folder")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-prompt-tokens", type=int, default=96)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batches", default="1", help="comma-separated batch caps; the first is the summary's")
-    p.add_argument("--targets", default="0.9,0.95,0.98", help="calibrated agreement targets to run")
-    p.add_argument("--target", type=float, default=0.95, help="the target the summary reports")
-    p.add_argument("--uniform", default="", help="comma-separated uniform thresholds to run as well")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch caps")
+    p.add_argument("--target", type=float, default=0.95, help="the precision target the summary reports")
+    p.add_argument("--strategies", default="recompute,copy", help="KV strategies for skipped layers")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def what_limits(manifest: dict, num_layers: int) -> dict:
-    """The batch-1 cost model from ``tune-exits``' timings: where a token's time goes at full depth, what
-    an exit at each selected layer saves, and the what-if of an exit at the last layer."""
-    c = manifest.get("costs_ms") or {}
-    if not c:
-        return {}
-    full = num_layers * c["layer"] + c["final_head"]
-    out = {"full_token_ms": round(full, 2), "lm_head_share": round(c["final_head"] / full, 3),
-           "exit_eval_in_layers": round(c["exit_eval"] / c["layer"], 2),
-           "saving_if_exit_at": {str(l): round(1 - ((l + 1) * c["layer"] + c["exit_eval"]) / full, 3)
-                                 for l in manifest.get("layers", [])}}
-    what_if = manifest.get("metrics", {}).get("last_layer_exit_what_if")
-    if what_if:
-        out["last_layer_exit_what_if"] = what_if
-    return out
+def ideal_speedup(counts: np.ndarray, layers: list[int], costs, depth: int) -> float:
+    """Full-depth time over exit time per token, from the exit histogram and per-row costs (modelled)."""
+    L = depth
+    full = L * costs.layer + costs.final_head
+    lay = np.asarray(sorted(layers))
+    tot = full_tot = 0.0
+    for layer, n in enumerate(counts):
+        if not n:
+            continue
+        if layer >= L - 1:  # reached the last layer: every exit evaluated, then the LM head
+            t = L * costs.layer + len(lay) * costs.exit_eval + costs.final_head
+        else:
+            t = (layer + 1) * costs.layer + (int(np.searchsorted(lay, layer)) + 1) * costs.exit_eval
+        tot += n * t
+        full_tot += n * full
+    return full_tot / tot if tot else 1.0
+
+
+def serve(engine, prompts, cfg, new_tokens):
+    """Serve ``prompts`` under ``cfg``; (requests, wall seconds, cpu seconds, row positions per layer)."""
+    from helios_rl.engine.request import SamplingParams
+
+    engine.apply(cfg)
+    since = engine.clock()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    reqs = engine.generate(list(prompts), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    rows = np.asarray(engine.snapshot(since=since).row_positions, dtype=np.int64)
+    for r in reqs:
+        engine.release(r.request_id)
+    return reqs, wall, cpu, rows
 
 
 def main(argv=None) -> int:
@@ -68,90 +95,119 @@ def main(argv=None) -> int:
     from helios_rl.engine.config import EngineSettings, ServingConfig
     from helios_rl.engine.engine import Engine
     from helios_rl.exits.heads import TunedExitHeads
-    from helios_rl.exits.heads_io import enabled_layers
-    from helios_rl.exits.profile import exit_profile, heldout_prompts
+    from helios_rl.exits.profile import free_running_match, heldout_prompts, teacher_forced_agreement
+    from helios_rl.exits.tune import measure_costs
     from helios_rl.models.registry import load_model
+    from helios_rl.utils.provenance import git_revision
 
     model = load_model(args.model, heads=args.heads)
-    if not isinstance(model.heads, TunedExitHeads):
-        print(f"{args.model}: no tuned exit heads; run `helios-rl tune-exits {args.model}` first", file=sys.stderr)
+    if not isinstance(model.heads, TunedExitHeads) or not model.heads.targets:
+        print(f"{args.model}: no exit heads with calibrated targets (run `helios-rl tune-exits {args.model}`)",
+              file=sys.stderr)
         return 2
-    manifest = model.heads.manifest
-    layers = enabled_layers(model)
-    prompts = heldout_prompts(model, args.prompts, args.max_prompt_tokens, args.seed)
-    targets = [float(t) for t in args.targets.split(",") if t]
+    heads = model.heads
+    targets = sorted(heads.targets, reverse=True)
     if args.target not in targets:
-        targets.append(args.target)
-    by_target = manifest.get("thresholds_by_target", {})
-    configs: dict[str, ServingConfig] = {"full": ServingConfig(exit_layers=())}
-    for t in targets:
-        table = by_target.get(str(t), {}).get("max_prob")
-        if table is None:
-            print(f"manifest has no thresholds for target {t}; skipped", file=sys.stderr)
-            continue
-        thr = {int(l): v for l, v in table.items() if v < 1.0}
-        configs[f"target={t}"] = ServingConfig(exit_layers=tuple(sorted(thr)), threshold=thr or None)
-    for u in [float(x) for x in args.uniform.split(",") if x]:
-        configs[f"uniform={u}"] = ServingConfig(exit_layers=layers or tuple(sorted(model.heads.adapters)), threshold=u)
+        print(f"target {args.target} is not calibrated (have {targets})", file=sys.stderr)
+        return 2
+    prompts = heldout_prompts(model, args.prompts, args.max_prompt_tokens, args.seed)
+    strategies = [s for s in args.strategies.split(",") if s]
+    configs = {"full": ServingConfig(exit_layers=(), threshold=1.0)}
+    configs.update({f"target={t:g}": ServingConfig(target=t) for t in targets})
+    max_len = args.max_prompt_tokens + args.max_new_tokens + 64
     results: dict = {}
     for batch in [int(b) for b in args.batches.split(",")]:
-        engine = Engine(model, EngineSettings(max_batch=batch, max_model_len=args.max_prompt_tokens + args.max_new_tokens + 64))
-        exit_profile(engine, prompts[:2], configs["full"], max_new_tokens=4)  # warm-up
-        runs: dict[str, list] = {name: [] for name in configs}
+        costs = measure_costs(model, heads, max(heads.adapters), batch=batch)
+        engines = {s: Engine(model, EngineSettings(max_batch=batch, max_model_len=max_len, kv_strategy=s))
+                   for s in strategies}
+        for eng in engines.values():  # warm-up: first calls allocate and dispatch slowly
+            serve(eng, prompts[:2], configs["full"], 4)
+        runs: dict[tuple[str, str], list] = {}
         for rep in range(args.repeats):
-            for name, cfg in configs.items():
-                prof = exit_profile(engine, prompts, cfg, max_new_tokens=args.max_new_tokens,
-                                    measure_agreement=(rep == 0 and name != "full"))
-                runs[name].append(prof)
-                print(f"batch {batch} rep {rep} {name:>14}: {prof.tokens_per_s:6.2f} tok/s wall, "
-                      f"{prof.tokens_per_cpu_s:6.2f} tok/cpu-s, mean exit layer "
-                      f"{prof.mean_exit_layer:5.2f}, exit rate {prof.exit_rate:.3f}, agreement {prof.agreement}",
-                      flush=True)
-        full_out = runs["full"][0].outputs
-        rows = {}
-        for name, profs in runs.items():
-            p0 = profs[0]
-            same = sum(a == b for o, f in zip(p0.outputs, full_out) for a, b in zip(o, f))
-            rows[name] = {
-                "tokens_per_s": statistics.median(p.tokens_per_s for p in profs),
-                "tokens_per_s_runs": [round(p.tokens_per_s, 3) for p in profs],
-                "tokens_per_cpu_s": statistics.median(p.tokens_per_cpu_s for p in profs),
-                "tokens_per_cpu_s_runs": [round(p.tokens_per_cpu_s, 3) for p in profs],
-                "agreement_teacher_forced": 1.0 if name == "full" else p0.agreement,
-                "same_as_full_output": same / max(p0.tokens, 1),
-                "mean_exit_layer": p0.mean_exit_layer, "exit_rate": p0.exit_rate, "exit_counts": p0.exit_counts,
-                "exit_layers": p0.exit_layers, "thresholds": {str(k): v for k, v in p0.thresholds.items()},
-                "tokens": p0.tokens,
+            for s, eng in engines.items():
+                for name, cfg in configs.items():
+                    if name == "full" and s != strategies[0]:
+                        continue  # full depth exits nowhere: the strategy changes nothing
+                    reqs, wall, cpu, rows = serve(eng, prompts, cfg, args.max_new_tokens)
+                    runs.setdefault((s, name), []).append((reqs, wall, cpu, rows))
+                    tokens = sum(r.num_generated for r in reqs)
+                    print(f"batch {batch} rep {rep} {s:>9} {name:>12}: {tokens / wall:6.2f} tok/s wall, "
+                          f"{tokens / cpu:6.2f} tok/cpu-s", flush=True)
+        full_reqs, *_ = runs[(strategies[0], "full")][0]
+        full_out = [list(r.output_ids) for r in full_reqs]
+        full_rows = runs[(strategies[0], "full")][0][3]
+        full_tps = statistics.median(sum(r.num_generated for r in q) / w for q, w, _, _ in runs[(strategies[0], "full")])
+        full_cps = statistics.median(sum(r.num_generated for r in q) / c for q, _, c, _ in runs[(strategies[0], "full")])
+        rows_out = {}
+        for (s, name), rr in runs.items():
+            reqs, _, _, rows = rr[0]
+            tokens = sum(r.num_generated for r in reqs)
+            tps = statistics.median(sum(r.num_generated for r in q) / w for q, w, _, _ in rr)
+            cps = statistics.median(sum(r.num_generated for r in q) / c for q, _, c, _ in rr)
+            counts = np.zeros(model.num_layers, dtype=np.int64)
+            for r in reqs:
+                np.add.at(counts, np.asarray(r.exit_layers[1:], dtype=np.int64), 1)  # decode tokens only
+            good, total = teacher_forced_agreement(model, reqs) if name != "full" else (tokens, tokens)
+            layers = list(heads.target(float(name.split("=")[1])).layers) if name != "full" else []
+            ideal = ideal_speedup(counts, layers, costs, model.num_layers) if name != "full" else 1.0
+            speedup = tps / full_tps
+            ratio = rows / np.maximum(full_rows, 1)
+            rows_out[f"{s}/{name}"] = {
+                "kv_strategy": s, "config": name, "tokens": tokens,
+                "tokens_per_s": round(tps, 3), "tokens_per_s_runs": [round(sum(r.num_generated for r in q) / w, 3)
+                                                                      for q, w, _, _ in rr],
+                "tokens_per_cpu_s": round(cps, 3), "speedup_wall": round(speedup, 4),
+                "speedup_cpu": round(cps / full_cps, 4),
+                "free_running_agreement": round(free_running_match([list(r.output_ids) for r in reqs], full_out), 4),
+                "teacher_forced_agreement": round(good / max(total, 1), 4),
+                "exit_rate": round(float(counts[: model.num_layers - 1].sum() / max(counts.sum(), 1)), 4),
+                "mean_exit_layer": round(float((counts * np.arange(len(counts))).sum() / max(counts.sum(), 1)), 3),
+                "exit_counts": counts.tolist(), "exit_layers": layers,
+                "ideal_speedup_modelled": round(ideal, 4), "exit_efficiency": round(speedup / ideal, 4),
+                "row_positions": rows.tolist(), "row_positions_ratio_max": round(float(ratio.max()), 4),
+                "row_positions_ratio_total": round(float(rows.sum() / max(full_rows.sum(), 1)), 4),
             }
-            full = rows.get("full", rows[name])
-            rows[name]["speedup_wall"] = rows[name]["tokens_per_s"] / full["tokens_per_s"]
-            rows[name]["speedup"] = rows[name]["tokens_per_cpu_s"] / full["tokens_per_cpu_s"]
-        results[str(batch)] = rows
-    first = results[args.batches.split(",")[0]]
-    at = first.get(f"target={args.target}", {})
+        results[str(batch)] = {"costs_ms_modelled_inputs": {k: round(v, 4) if isinstance(v, float) else v
+                                                           for k, v in vars(costs).items()},
+                               "rows": rows_out}
+    key = f"target={args.target:g}"
+    pick = lambda b, s: results[b]["rows"].get(f"{s}/{key}", {})  # noqa: E731
+    b1 = next(iter(results))
+    best_strategy = max(strategies, key=lambda s: (pick(b1, s).get("free_running_agreement", 0) >= 0.95,
+                                                   pick(b1, s).get("speedup_wall", 0)))
+    main_rows = {b: pick(b, strategies[0]) for b in results}
     summary = {
-        "speedup_at_target": round(at.get("speedup", float("nan")), 4),
-        "speedup_at_target_wall": round(at.get("speedup_wall", float("nan")), 4),
-        "agreement_at_target": at.get("agreement_teacher_forced"),
-        "mean_exit_layer": at.get("mean_exit_layer"),
-        "exit_rate_at_target": at.get("exit_rate"),
-        "precision_gain_vs_shared": manifest.get("metrics", {}).get("precision_gain_vs_shared"),
-        "target": args.target, "batch": int(args.batches.split(",")[0]),
-        "full_tokens_per_s": first["full"]["tokens_per_s"], "target_tokens_per_s": at.get("tokens_per_s"),
-        "full_tokens_per_cpu_s": first["full"]["tokens_per_cpu_s"], "target_tokens_per_cpu_s": at.get("tokens_per_cpu_s"),
-        "exit_layers": at.get("exit_layers"), "num_layers": model.num_layers,
+        "model": args.model, "target": args.target, "kv_strategy": strategies[0],
+        "heads_shipped": heads.origin == "shipped", "heads_source": heads.source,
+        "speedup_wall_at_target": {f"batch{b}": r.get("speedup_wall") for b, r in main_rows.items()},
+        "speedup_cpu_at_target": {f"batch{b}": r.get("speedup_cpu") for b, r in main_rows.items()},
+        "free_running_agreement_at_target": main_rows[b1].get("free_running_agreement"),
+        "teacher_forced_agreement_at_target": main_rows[b1].get("teacher_forced_agreement"),
+        "ideal_speedup": {f"batch{b}": r.get("ideal_speedup_modelled") for b, r in main_rows.items()},
+        "exit_efficiency": {f"batch{b}": r.get("exit_efficiency") for b, r in main_rows.items()},
+        "row_positions_ratio": max(r["row_positions_ratio_max"] for b in results for r in results[b]["rows"].values()),
+        "exit_rate_at_target": main_rows[b1].get("exit_rate"),
+        "mean_exit_layer_at_target": main_rows[b1].get("mean_exit_layer"),
+        "num_layers": model.num_layers,
+        "frontier": {f"{t:g}": {f"batch{b}": {s: {k: results[b]["rows"].get(f"{s}/target={t:g}", {}).get(k)
+                                                   for k in ("exit_rate", "speedup_wall", "free_running_agreement",
+                                                             "teacher_forced_agreement")}
+                                               for s in strategies} for b in results} for t in targets},
+        "kv_strategy_comparison_at_target": {s: {f"batch{b}": {k: pick(b, s).get(k) for k in
+                                                               ("speedup_wall", "free_running_agreement")}
+                                                 for b in results} for s in strategies},
+        "best_kv_strategy_at_target": best_strategy,
+        "gap_to_1_5x": {f"batch{b}": round(1.5 - (r.get("speedup_wall") or 0), 4) for b, r in main_rows.items()},
     }
     out = {
-        "summary": summary,
-        "results_by_batch": results,
-        "heads": {k: manifest.get(k) for k in ("layers", "candidates", "head", "costs_ms", "seed")},
-        "heads_metrics": {k: v for k, v in manifest.get("metrics", {}).items() if k not in ("per_layer",)},
-        "what_limits": what_limits(manifest, model.num_layers),
+        "summary": summary, "results_by_batch": results,
+        "heads": {k: heads.manifest.get(k) for k in ("layers", "candidates", "head", "costs_ms", "seed", "provenance")},
+        "targets": heads.manifest.get("targets"),
         "setup": {"model": args.model, "prompts": len(prompts), "max_prompt_tokens": args.max_prompt_tokens,
                   "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "threads": args.threads,
                   "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": "python " + " ".join(sys.argv)},
+                  "git_revision": git_revision(), "command": "python " + " ".join(sys.argv)},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

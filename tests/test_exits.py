@@ -390,3 +390,25 @@ def test_a_target_on_a_model_without_calibrated_exits_serves_without_exits(tiny_
     assert eng._policy.layers == frozenset()
     with pytest.raises(ValueError, match="target must be a precision"):
         eng.apply(ServingConfig(target=1.5))
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_shipped_heads_are_complete_and_say_how_they_were_made(name):
+    """The installed heads: file hashes match, every target is calibrated, provenance is recorded."""
+    import hashlib
+
+    from helios_rl.exits.heads_io import read_manifest, shipped_heads_dir
+
+    folder = shipped_heads_dir(name)
+    assert folder is not None, f"no heads ship for {name}"
+    manifest = read_manifest(folder)
+    blob = (folder / manifest["weights"]["file"]).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == manifest["weights"]["sha256"]
+    assert manifest["model"]["name"] == name and set(manifest["targets"]) == {"0.99", "0.95", "0.9", "0.8"}
+    assert any(t["layers"] for t in manifest["targets"].values()), "some target exits early"
+    for t in manifest["targets"].values():
+        assert set(t["layers"]) <= set(manifest["layers"])
+    prov = manifest["provenance"]
+    assert prov["command"].startswith("helios-rl tune-exits") and prov["git_revision"]
+    assert manifest["data"]["tokens"]["heldout"] > 0 and manifest["seed"] == 0
+    assert len(blob) < 4 << 20  # compact: adapters and the vocabulary index only, no LM-head rows

@@ -165,10 +165,11 @@ def head_stats(heads, layer: int, h: torch.Tensor, final_argmax: torch.Tensor, d
 
 
 @torch.inference_mode()
-def measure_costs(model, heads: TunedExitHeads, layer: int, repeats: int = 20) -> cal.Costs:
-    """Time (ms, batch 1) one decoder layer at window 1 and 2, one exit evaluation and the final head."""
+def measure_costs(model, heads: TunedExitHeads, layer: int, repeats: int = 20, batch: int = 1) -> cal.Costs:
+    """Time (ms per step of ``batch`` rows) one decoder layer at window 1 and 2, one exit evaluation and
+    the final head; the fastest of several rounds, since other load on the CPU only adds time."""
     fam = model.family
-    h1 = torch.randn(1, 1, model.hidden_size, device=model.device, dtype=model.dtype)
+    h1 = torch.randn(batch, 1, model.hidden_size, device=model.device, dtype=model.dtype)
 
     def timed(fn, rounds: int = 5) -> float:  # the fastest round: other load on the CPU only adds time
         fn()
@@ -181,8 +182,8 @@ def measure_costs(model, heads: TunedExitHeads, layer: int, repeats: int = 20) -
         return best
 
     def layer_time(q: int) -> float:
-        h = h1.expand(1, q, -1).contiguous()
-        pos = torch.arange(q, device=model.device)[None]
+        h = h1.expand(batch, q, -1).contiguous()
+        pos = torch.arange(q, device=model.device)[None].expand(batch, q)
         tables = fam.position_tables(h, pos)
         mask = torch.ones(q, q, dtype=torch.bool, device=model.device).tril()[None, None]
         return timed(lambda: fam.run_layer(layer, h, mask, None, tables, pos))

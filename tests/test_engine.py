@@ -374,7 +374,8 @@ def test_compacted_batch_drops_padding_of_departed_wide_windows(tiny_dirs, monke
     seqs = [[5, 6, 7], [20, 21, 22, 23]]
     slots = [pool.alloc(), pool.alloc()]
     schedule = iter([[1, 0], [0], [1, 0], [1], [0, 0], [1, 0]])  # per exit-layer call: rows still active
-    monkeypatch.setattr(forward, "confidence", lambda logits, measure: torch.tensor(next(schedule), dtype=torch.float64))
+    monkeypatch.setattr(forward.Readout, "confidence",
+                        lambda self, measure: torch.tensor(next(schedule), dtype=torch.float64))
     policy = ExitPolicy(layers=frozenset({0, 2}), thresholds={0: 0.5, 2: 0.5})
 
     def advance(pol):

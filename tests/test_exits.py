@@ -412,3 +412,17 @@ def test_shipped_heads_are_complete_and_say_how_they_were_made(name):
     assert prov["command"].startswith("helios-rl tune-exits") and prov["git_revision"]
     assert manifest["data"]["tokens"]["heldout"] > 0 and manifest["seed"] == 0
     assert len(blob) < 4 << 20  # compact: adapters and the vocabulary index only, no LM-head rows
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "margin", "entropy"])
+def test_compact_readout_confidence_equals_the_expanded_rows(tuned, measure):
+    """The engine scores exits on the K+1 compact logits; it must equal scoring the full-width row."""
+    _, model, manifest = tuned
+    layer = manifest["layers"][0]
+    h = torch.randn(5, model.hidden_size, dtype=torch.float64) * 3
+    ro = model.heads.readout(layer, h)
+    assert ro.full is None and ro.sub.shape == (5, model.heads.vocab_ids.numel())
+    full = model.heads.logits(layer, h)
+    torch.testing.assert_close(ro.confidence(measure), confidence(full, measure))
+    rows = torch.tensor([4, 1])
+    torch.testing.assert_close(ro.logits(rows), full[rows])

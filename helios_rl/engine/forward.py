@@ -43,7 +43,7 @@ import torch
 from helios_rl.engine.exits import CONFIDENCE, ConfidenceExit
 from helios_rl.engine.kv_cache import KVPool
 from helios_rl.models.attention import Ragged
-from helios_rl.models.heads import confidence
+from helios_rl.models.heads import Readout
 from helios_rl.models.layered import LayeredModel
 
 
@@ -193,15 +193,16 @@ class LayerLoop:
             if layer == last:
                 break
             if layer in policy.layers and allow.any():
-                logits = model.heads.logits(layer, h.index_select(0, g.last))
+                readout = model.heads.readout(layer, h.index_select(0, g.last))
                 # the exit decision's one host sync at this layer: every active row's confidence at once
-                conf_np = confidence(logits, policy.measure).float().cpu().numpy()
+                conf_np = readout.confidence(policy.measure).float().cpu().numpy()
                 thr = policy.thresholds.get(layer, 1.1)
                 out = decider.decide(layer, conf_np, thr, idx) & allow
                 if out.any():
                     rows = np.nonzero(out)[0]
-                    for r in rows:
-                        exits.append(RowExit(int(idx[r]), layer, logits[r], float(conf_np[r]), False))
+                    logits = readout.logits(torch.as_tensor(rows, device=dev))  # full width for leaving rows only
+                    for i, r in enumerate(rows):
+                        exits.append(RowExit(int(idx[r]), layer, logits[i], float(conf_np[r]), False))
                     self._leave(layer, h, rows, slots_np, p, n, policy, depth)
                     keep = ~out
                     if not keep.any():
@@ -212,10 +213,11 @@ class LayerLoop:
                     g = None
         hl = h.index_select(0, g.last)
         full = depth == model.num_layers
-        logits = model.heads.final_logits(hl) if full else model.heads.logits(last, hl)
+        readout = Readout(full=model.heads.final_logits(hl)) if full else model.heads.readout(last, hl)
+        logits = readout.logits()
         conf_np = None
         if policy.track_confidence or not full:
-            conf_np = confidence(logits, policy.measure).float().cpu().numpy()
+            conf_np = readout.confidence(policy.measure).float().cpu().numpy()
         if full:  # the model's own output: no exit, nothing to breach
             greedy = np.zeros(len(idx), dtype=bool)
         else:  # below full depth a token leaves here unless it meets this layer's calibrated threshold

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from helios_rl.models.heads import ExitHeads
+from helios_rl.models.heads import ExitHeads, Readout
 
 
 class TunedAdapter(nn.Module):
@@ -128,6 +128,12 @@ class TunedExitHeads(ExitHeads):
         if layer not in self.adapters:
             return super().logits(layer, h)
         return self.expand(*self.subset_logits(layer, h))
+
+    def readout(self, layer: int, h: torch.Tensor) -> Readout:
+        if layer not in self.adapters or self.vocab_ids is None:
+            return super().readout(layer, h)
+        sub, other = self.subset_logits(layer, h)
+        return Readout(sub=sub, other=other, expand=self.expand, vocab_size=self.vocab_size)
 
     def full_vocab_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The trained adapter read out on the *whole* vocabulary (one full LM head): for a forced exit

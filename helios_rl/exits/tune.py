@@ -157,10 +157,10 @@ def head_stats(heads, layer: int, h: torch.Tensor, final_argmax: torch.Tensor, d
     """Engine-identical argmax agreement and confidences of ``heads.logits(layer, .)`` on ``h``."""
     out: dict[str, list] = {"correct": [], **{m: [] for m in CONFIDENCE_MEASURES}}
     for s in range(0, len(h), chunk):
-        logits = heads.logits(layer, h[s:s + chunk].to(device, dtype)).float()
-        out["correct"].append((logits.argmax(-1).cpu() == final_argmax[s:s + chunk]))
+        readout = heads.readout(layer, h[s:s + chunk].to(device, dtype))
+        out["correct"].append((readout.logits().argmax(-1).cpu() == final_argmax[s:s + chunk]))
         for m in CONFIDENCE_MEASURES:
-            out[m].append(confidence(logits, m).cpu())
+            out[m].append(readout.confidence(m).float().cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
@@ -189,7 +189,7 @@ def measure_costs(model, heads: TunedExitHeads, layer: int, repeats: int = 20, b
         return timed(lambda: fam.run_layer(layer, h, mask, None, tables, pos))
 
     t1, t2 = layer_time(1), layer_time(2)
-    exit_eval = timed(lambda: confidence(heads.logits(layer, h1[:, 0]), "max_prob"))
+    exit_eval = timed(lambda: heads.readout(layer, h1[:, 0]).confidence("max_prob"))
     final = timed(lambda: confidence(heads.final_logits(h1[:, 0]), "max_prob"))
     return cal.Costs(layer=t1, recompute=max(0.0, t2 - t1), exit_eval=exit_eval, final_head=final,
                      num_layers=model.num_layers)

@@ -38,6 +38,50 @@ def confidence(logits: torch.Tensor, measure: str = "max_prob") -> torch.Tensor:
     raise ValueError(f"unknown confidence measure {measure!r}; choose one of {CONFIDENCE_MEASURES}")
 
 
+class Readout:
+    """An exit head's answer for a batch of rows: every row's confidence, and full-width logits for
+    the rows that leave (token selection needs them only there).
+
+    Full form: ``full`` logits ``[N, V]``. Compact form (a reduced exit vocabulary): ``sub`` logits
+    ``[N, K]`` over ``vocab_ids`` and the out-of-set bucket's logit ``other`` ``[N]``, which stands for
+    ``rest = V - K`` tokens of logit ``other - log(rest)`` each. Confidence is computed on the
+    ``K + 1`` numbers exactly as it would be on the expanded ``[N, V]`` row (same softmax), at a
+    fraction of the cost; expansion happens only for leaving rows.
+    """
+
+    def __init__(self, full: torch.Tensor | None = None, sub: torch.Tensor | None = None,
+                 other: torch.Tensor | None = None, expand: Callable | None = None, vocab_size: int = 0) -> None:
+        self.full, self.sub, self.other, self._expand, self.vocab_size = full, sub, other, expand, vocab_size
+
+    def confidence(self, measure: str = "max_prob") -> torch.Tensor:
+        if self.full is not None:
+            return confidence(self.full, measure)
+        sub = self.sub.float()
+        rest = self.vocab_size - sub.shape[-1]
+        fill = self.other.float() - math.log(max(rest, 1))  # each out-of-set token's logit
+        lse = torch.logsumexp(torch.cat([sub, self.other.float()[:, None]], dim=-1), dim=-1)
+        p_sub = torch.exp(sub - lse[:, None])
+        p_fill = torch.exp(fill - lse)
+        if measure == "max_prob":
+            return torch.maximum(p_sub.max(dim=-1).values, p_fill)
+        if measure == "margin":
+            top = torch.cat([p_sub, p_fill[:, None].expand(-1, min(rest, 2))], dim=-1).topk(2, dim=-1).values
+            return top[:, 0] - top[:, 1]
+        if measure == "entropy":
+            ent = -(p_sub * torch.log(p_sub.clamp_min(1e-12))).sum(-1) \
+                - rest * p_fill * torch.log(p_fill.clamp_min(1e-12))
+            return 1.0 - ent / math.log(self.vocab_size)
+        raise ValueError(f"unknown confidence measure {measure!r}; choose one of {CONFIDENCE_MEASURES}")
+
+    def logits(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-width logits ``[n, V]`` of ``rows`` (all rows when None)."""
+        if self.full is not None:
+            return self.full if rows is None else self.full.index_select(0, rows)
+        sub, other = (self.sub, self.other) if rows is None else (self.sub.index_select(0, rows),
+                                                                   self.other.index_select(0, rows))
+        return self._expand(sub, other)
+
+
 @dataclass(frozen=True)
 class ExitTarget:
     """A calibrated precision target: where tokens may exit and at what confidence, so that tokens
@@ -75,6 +119,10 @@ class ExitHeads:
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's own head, as used at full depth."""
         return self.lm_head(self.final_norm(h))
+
+    def readout(self, layer: int, h: torch.Tensor) -> Readout:
+        """:meth:`logits` as a :class:`Readout` (trained heads with a reduced vocabulary stay compact)."""
+        return Readout(full=self.logits(layer, h))
 
     def target(self, target: float) -> ExitTarget:
         """The calibrated exits for precision ``target`` (ValueError naming the calibrated ones)."""

@@ -109,8 +109,11 @@ class ExitSection:
 
     @property
     def choices(self) -> tuple[float, ...]:
-        """The exit settings a controller or agent chooses among."""
-        return self.targets if self.threshold is None else RAW_THRESHOLDS
+        """The exit settings a controller or agent chooses among (threshold mode: the raw grid plus the
+        scenario's own threshold)."""
+        if self.threshold is None:
+            return self.targets
+        return tuple(sorted(set(RAW_THRESHOLDS) | {self.threshold}))
 
     def knob(self, value: float | None) -> dict:
         """``ServingConfig`` keyword for exit setting ``value`` (``target=`` or ``threshold=``)."""
@@ -189,6 +192,15 @@ class Scenario:
     controllers: dict[str, Any] = field(default_factory=dict)  # name -> params dataclass
     path: str = "<dict>"
     lines: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def reference_model(self) -> str:
+        """The model that scores served text (``slo.reference_model``; default the largest candidate)."""
+        if self.slo.reference_model:
+            return self.slo.reference_model
+        from helios_rl.controllers.repository import checkpoint_facts
+
+        size = {m: (f.non_layer_bytes + sum(f.layer_bytes)) for m in self.models for f in [checkpoint_facts(m, 4)]}
+        return max(self.models, key=lambda m: (size[m], m))
 
     # ----- loading ------------------------------------------------------------------------------
     @classmethod
@@ -315,7 +327,9 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
     slo = SLO(ttft_s=s.get("ttft_s", number(0, lo_open=True), SLO.ttft_s),
               tpot_s=s.get("tpot_s", number(0, lo_open=True), SLO.tpot_s),
               agreement_floor=s.get("agreement_floor", number(0, 1), SLO.agreement_floor),
-              objective=s.get("objective", choice(OBJECTIVES), SLO.objective))
+              objective=s.get("objective", choice(OBJECTIVES), SLO.objective),
+              reference_model=s.get("reference_model", string, None),
+              max_reference_ppl=s.get("max_reference_ppl", number(1), None))
     s.finish()
     e = Keys(r.get("engine", lambda v, k: v, {}), "engine")
     d = EngineSection()

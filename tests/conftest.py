@@ -84,3 +84,28 @@ def tiny_profile(tiny_scenario, tmp_path_factory):
     out = tmp_path_factory.mktemp("prof") / "profile.json"
     prof.save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def probe_scenario(tiny_scenario, tmp_path_factory):
+    """The tiny scenario with a binding quality floor and goodput as the objective (SLO times loose, so
+    goodput is gated by accuracy alone): the setting of the reward-hacking probes."""
+    text = tiny_scenario.read_text().replace(
+        "slo: {ttft_s: 0.05, tpot_s: 0.01, objective: throughput}",
+        "slo: {ttft_s: 100.0, tpot_s: 100.0, agreement_floor: 0.9, objective: goodput}")
+    assert "agreement_floor: 0.9" in text
+    path = tmp_path_factory.mktemp("probe") / "probe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def probe_profile(probe_scenario, tmp_path_factory):
+    from helios_rl.env.calibrate import calibrate
+    from helios_rl.scenario import Scenario
+
+    prof = calibrate(Scenario.from_yaml(probe_scenario), batches=(1, 4), prompts=3,
+                     new_tokens=5, min_tokens=200)
+    out = tmp_path_factory.mktemp("probeprof") / "profile.json"
+    prof.save(out)
+    return out

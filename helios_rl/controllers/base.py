@@ -38,8 +38,14 @@ class SLO:
 
     - ``ttft_s``, ``tpot_s``: a request meets the SLO when its time to first token and its time per
       output token are at most these (goodput counts such requests per second).
-    - ``agreement_floor``: controllers must not choose configs whose predicted agreement with
-      full-depth greedy output is below this.
+    - ``agreement_floor``: a served request counts toward goodput only when its free-running
+      agreement with the serving model's own full-depth greedy output is at least this (measured on
+      the live backend, predicted by the simulator); controllers must not choose configs whose
+      predicted agreement is below it.
+    - ``reference_model``: the one model that scores every served text's perplexity, so quality is
+      comparable across candidates (None: the largest candidate).
+    - ``max_reference_ppl``: optional quality floor: a request whose served text the reference model
+      finds more perplexing than this does not count toward goodput.
     - ``objective``: what "best" means: output tokens/s, goodput (SLO-meeting requests/s) or latency.
     """
 
@@ -47,6 +53,8 @@ class SLO:
     tpot_s: float = 1.0
     agreement_floor: float = 0.0
     objective: str = "throughput"
+    reference_model: str | None = None
+    max_reference_ppl: float | None = None
 
 
 @dataclass

@@ -399,6 +399,7 @@ class Engine:
             req.output_ids.append(tok)
             req.num_generated += 1
             req.exit_layers.append(ex.layer)
+            req.greedy_flags.append(ex.greedy)
             req.models.append(self.model.name)
             if ex.conf is not None:
                 req.confidences.append(ex.conf)

@@ -70,6 +70,7 @@ class Request:
     text_before_switch: str = ""  # output text produced under earlier models
     exit_layers: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+    greedy_flags: list[bool] = field(default_factory=list)  # per token: forced out below full depth (a breach)
     models: list[str] = field(default_factory=list)  # model that produced each generated token
     status: Status = Status.WAITING
     slot: int | None = None

@@ -44,10 +44,11 @@ class Interval:
     snapshot: TelemetrySnapshot
     slo_met: int = 0  # requests finished in the interval meeting the TTFT and TPOT SLO
     slo_missed: int = 0
-    agreement: float | None = None  # predicted agreement with full-depth output of the config in force
+    agreement: float | None = None  # free-running agreement of the requests finished (live: measured; sim: predicted)
     busy_s: float = 0.0  # seconds the engine computed (energy estimate)
     failure: str | None = None  # a real serving failure (terminates the episode)
-    slo_met_tokens: int = 0  # output tokens of the requests counted in ``slo_met`` (goodput)
+    slo_met_tokens: int = 0  # output tokens of the requests counted in ``slo_met``
+    good_tokens: int = 0  # goodput: tokens of requests meeting the SLO *and* the quality floors
     extra: dict = field(default_factory=dict)
 
 

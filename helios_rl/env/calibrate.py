@@ -37,10 +37,73 @@ def depth_grid(num_layers: int, buckets: int = 4) -> list[int]:
     return sorted({max(1, math.ceil(f * num_layers)) for f in np.linspace(1 / buckets, 1.0, buckets)})
 
 
+def accuracy_prompts(sc, min_tokens: int, new_tokens: int) -> tuple[list[tuple[str, str]], int]:
+    """``(prompt, task)`` pairs, the same number per task of the scenario's workload, and the tokens each
+    request generates (EOS ignored), so that one grid point serves at least ``min_tokens`` tokens:
+    ``new_tokens`` each, more where the workload has too few distinct prompts (up to what the KV slot
+    holds). Drawn from development workload seeds 0, 1, ... (never the held-out evaluation seeds)."""
+    from helios_rl.env.workload import EpisodeWorkload
+
+    wl = EpisodeWorkload(sc)
+    by_task: dict[str, list[str]] = {}
+    seeds = 0
+    while seeds < 64:
+        for r in wl.requests(seeds):
+            text = format_prompt(r)
+            if text not in by_task.setdefault(r.task, []):
+                by_task[r.task].append(text)
+        seeds += 1
+        per = math.ceil(min_tokens / (len(by_task) * new_tokens))
+        if all(len(v) >= per for v in by_task.values()):
+            break
+    per = math.ceil(min_tokens / (len(by_task) * new_tokens))
+    items = [(t, task) for task in sorted(by_task) for t in by_task[task][:per]]
+    each = new_tokens
+    if len(items) * each < min_tokens:  # too few distinct prompts: longer continuations instead
+        counter = wl._counter()
+        room = sc.engine.max_model_len - 1 - max(counter(t) for t, _ in items)
+        each = max(new_tokens, min(room, math.ceil(min_tokens / len(items))))
+    return items, each
+
+
+def point_stats(reqs, tasks: list[str], ref: list[list[int]], L: int) -> dict:
+    """Exit distribution, breach rate, confidence and free-running agreement of one grid point's requests,
+    overall and per task, with every request's agreement (the simulator draws from them) and a 95 %
+    normal interval of the mean agreement over requests."""
+    def agg(rows: list[int]) -> dict:
+        counts = np.zeros(L, dtype=np.int64)
+        breaches = tokens = match = 0
+        conf, per_req = [], []
+        for i in rows:
+            r = reqs[i]
+            layers = np.asarray(r.exit_layers[1:], dtype=np.int64)  # decode tokens (the first comes from prefill)
+            np.add.at(counts, layers, 1)
+            breaches += int(sum(r.greedy_flags[1:]))
+            tokens += len(layers)
+            m = sum(a == b for a, b in zip(r.output_ids, ref[i]))
+            match += m
+            per_req.append(m / max(len(r.output_ids), 1))
+            conf += list(r.confidences[1:])
+        a = np.asarray(per_req, dtype=float)
+        half = 1.96 * float(a.std(ddof=1)) / math.sqrt(len(a)) if len(a) > 1 else 1.0
+        total = sum(len(reqs[i].output_ids) for i in rows)
+        mean = match / total if total else 1.0
+        return {"p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches / tokens if tokens else 0.0,
+                "agreement": mean, "agreement_ci": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)],
+                "request_agreements": [round(float(x), 4) for x in a], "conf": float(np.mean(conf)) if conf else 0.0,
+                "tokens": int(total), "requests": len(rows)}
+
+    out = agg(list(range(len(reqs))))
+    out["by_task"] = {t: agg([i for i, x in enumerate(tasks) if x == t]) for t in sorted(set(tasks))}
+    return out
+
+
 def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_buckets: int = 4,
-              batches: tuple[int, ...] = (1, 4, 16), prompts: int = 4, new_tokens: int = 8, timing: str | None = None,
-              say: Callable[[str], None] = lambda s: None) -> SimProfile:
-    """Profile every model of ``scenario`` on the live engine (see module docstring)."""
+              batches: tuple[int, ...] = (1, 4, 16), prompts: int = 4, new_tokens: int = 24, timing: str | None = None,
+              say: Callable[[str], None] = lambda s: None, min_tokens: int = 1000) -> SimProfile:
+    """Profile every model of ``scenario`` on the live engine (see module docstring). Every (depth,
+    setting) point's exit and accuracy statistics rest on at least ``min_tokens`` served tokens,
+    stratified by task; ``prompts`` sizes the timing runs."""
     from helios_rl.env.workload import EpisodeWorkload
 
     sc = scenario
@@ -48,6 +111,7 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
     timer = Timer(timing or sc.backend.timing)
     loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
     texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]
+    acc_items, acc_tokens = accuracy_prompts(sc, min_tokens, new_tokens)
     # the exit settings controllers choose among: precision targets, or raw thresholds
     thr_grid = list(dict.fromkeys(list(thresholds if thresholds is not None else sc.exits.choices)
                                   + [sc.exits.setting]))
@@ -56,7 +120,7 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
     try:
         for name in sc.models:
             models[name] = _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts,
-                                  new_tokens, say)
+                                  acc_tokens, say, acc_items)
         calibrate_switches(sc, models, loader, timer, texts, say)
     finally:
         set_threads(prev)
@@ -65,7 +129,10 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
                 "max_prefill_tokens": sc.engine.max_prefill_tokens}
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "calibration_s": round(time.perf_counter() - t_start, 2),
             "thresholds": [thr_key(t) for t in thr_grid], "batches": list(batches), "prompts": prompts,
-            "new_tokens": new_tokens}
+            "new_tokens": new_tokens, "accuracy_new_tokens": acc_tokens, "min_tokens_per_point": min_tokens,
+            "accuracy_prompts": {t: sum(1 for _, x in acc_items if x == t) for t in sorted({x for _, x in acc_items})},
+            "calibration_tokens_min": min((v["tokens"] for m in models.values() for v in m.exits.values()),
+                                          default=0)}
     return SimProfile(engine_version(), sc.name, timer.mode, settings, models, meta)
 
 
@@ -95,7 +162,8 @@ def calibrate_switches(sc, models: dict[str, ModelSim], loader, timer, texts, sa
             say(f"  switch {a} -> {b}: {cost:.3f} s")
 
 
-def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts, new_tokens, say) -> ModelSim:
+def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts, new_tokens, say,
+           acc_items) -> ModelSim:
     settings = sc.engine.settings(sc.exits.measure, sc.exits.default_threshold)
     # load costs as a switch pays them: load to depth 1 with the tokenizer (the engine re-tokenizes the
     # accepted requests), then deepen to full depth; the deepening gives seconds per byte, the rest of the
@@ -134,7 +202,9 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     slot_bytes = [int(engine_slot_bytes(settings, model, d)) for d in range(1, L + 1)]
     X, y = [], []
 
-    def run(depth: int, thr, batch: int, n_prompts: int) -> tuple[list[list[int]], np.ndarray, int, float, int]:
+    def run(depth: int, thr, batch: int, items: list[str], tokens_each: int = new_tokens) -> list:
+        """Serve ``items`` at ``depth`` under exit setting ``thr`` (``"off"``: no exits); every step is
+        timed for the step-time fit. Returns the finished requests."""
         layers = layers_for(thr)
         if thr == "off":
             knob = {"threshold": 1.0, "exit_layers": ()}
@@ -147,11 +217,7 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             engine.config.threshold = None
             engine._policy = engine._exit_policy(engine.config, engine.model)
         heads = head_evals_per_layer(L, depth, list(layers))
-        ids = [engine.add_request(texts[i % len(texts)], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-               for i in range(n_prompts)]
-        counts = np.zeros(L, dtype=np.int64)
-        breaches = tokens = 0
-        conf_sum, conf_n = 0.0, 0
+        ids = [engine.add_request(t, SamplingParams(max_new_tokens=tokens_each, ignore_eos=True)) for t in items]
         while engine.has_unfinished():
             rows = list(engine.running) + list(engine.waiting)[: max(0, engine.max_batch - len(engine.running))]
             ctx_mean = float(np.mean([r.seq_len for r in rows])) if rows else 0.0
@@ -162,35 +228,33 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             clock.advance(cost)
             X.append(step_features(depth, rec.exit_counts, heads, ctx_mean, rec.prefill_tokens))
             y.append(cost)
-            counts[: len(rec.exit_counts)] += rec.exit_counts
-            breaches += rec.breaches
-            tokens += rec.decode_tokens
-            conf_sum, conf_n = conf_sum + rec.conf_sum, conf_n + rec.conf_n
-        breach_rate = min(1.0, breaches / tokens) if tokens else 0.0
-        outs = [list(engine.requests[i].output_ids) for i in ids]
-        for i in ids:  # the prefill token of each request runs every loaded layer: keep decode exits only
-            first = engine.requests[i].exit_layers[:1]
-            if first:
-                counts[first[0]] -= 1
-                tokens -= 1
+        reqs = [engine.requests[i] for i in ids]
         for i in ids:
             engine.release(i)
-        return outs, counts, breach_rate, conf_sum / conf_n if conf_n else 0.0, tokens
+        return reqs
 
-    run(L, "off", 1, 1)  # warm-up (first calls allocate and dispatch slowly): not fitted
+    run(L, "off", 1, texts[:1])  # warm-up (first calls allocate and dispatch slowly): not fitted
     del X[:], y[:]
-    ref, *_ = run(L, "off", prompts, prompts)  # full-depth greedy reference, no exits
-    exit_stats = {}
+    items, tasks = [t for t, _ in acc_items], [k for _, k in acc_items]
+    cap = max(1, min(len(items), 32))
+    # the free-running reference: the full model's own greedy continuation of every prompt, no exits
+    ref = [list(r.output_ids) for r in run(L, "off", min(cap, admissible[L - 1] or cap), items)]
+    exit_stats, seen = {}, {}
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
+    t_acc = time.perf_counter()
     for d in depths:
         for thr in thr_grid:
-            outs, counts, breaches, conf, tokens = run(d, thr, min(prompts, admissible[d - 1]), prompts)
-            agree = [a == b for o, r in zip(outs, ref) for a, b in zip(o, r)]
-            exit_stats[f"{d}:{thr_key(thr)}"] = {
-                "p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches,
-                "agreement": float(np.mean(agree)) if agree else 1.0, "conf": conf,
-                "layers": [int(l) for l in layers_for(thr)]}
-        say(f"  {name}: depth {d}/{L}: {len(thr_grid)} thresholds profiled")
+            engine.apply(ServingConfig(depth=d, measure=sc.exits.measure,
+                                       **({"target": thr} if targets else {"threshold": thr,
+                                                                            "exit_layers": tuple(layers_for(thr))})))
+            pol = engine._policy  # settings whose exits are identical at this depth are served once
+            key = (d, tuple(sorted(pol.layers)), tuple(sorted((l, pol.thresholds.get(l)) for l in pol.layers)))
+            if key not in seen:
+                seen[key] = point_stats(run(d, thr, min(cap, admissible[d - 1]), items), tasks, ref, L)
+            exit_stats[f"{d}:{thr_key(thr)}"] = {**seen[key], "layers": [int(l) for l in layers_for(thr)]}
+        say(f"  {name}: depth {d}/{L}: {len(thr_grid)} exit settings profiled "
+            f"({len(items)} prompts x {new_tokens} tokens per point)")
+    say(f"  {name}: accuracy points took {time.perf_counter() - t_acc:.0f} s")
     default_thr = sc.exits.setting
     for d in sorted({depths[0], depths[-1]}):
         # the sweep always reaches the largest batch the budget admits at this depth: a step-time model
@@ -198,7 +262,7 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
         # (on the default scenario: 34 simulated vs 25 live tokens/s at batch 64)
         for bb in sorted({min(b, admissible[d - 1]) for b in batches} | {admissible[d - 1]}):
             if bb >= 1:
-                run(d, default_thr, bb, bb)
+                run(d, default_thr, bb, [texts[i % len(texts)] for i in range(bb)], 8)
     say(f"  {name}: batch sweep done ({len(y)} steps measured)")
     coef, sigma = _fit(np.array(X), np.array(y))
     engine.pool = None

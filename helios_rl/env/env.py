@@ -251,11 +251,12 @@ class HeliosServingEnv(gym.Env):
         truncated = (not terminated) and (self.backend.finished or (self.horizon is not None and self.steps >= self.horizon))
         telemetry = dict(iv.snapshot.__dict__)
         telemetry["exit_counts"] = list(telemetry["exit_counts"])
-        floor = self.scenario.slo.agreement_floor
-        good = iv.slo_met_tokens if (iv.agreement is None or iv.agreement >= floor) else 0
         info = {"reward_terms": terms, "obs_raw": raw, "telemetry": telemetry, "config": dict(self._cfg),
                 "adjusted": adjusted, "rejected": rejected, "switch_cost_s": cost, "agreement": iv.agreement,
-                "slo_met": iv.slo_met, "slo_missed": iv.slo_missed, "goodput_tokens": good, "failure": iv.failure}
+                "agreement_source": iv.extra.get("agreement_source"),
+                "predicted_agreement": iv.extra.get("predicted_agreement"), "scored": iv.extra.get("scored"),
+                "slo_met": iv.slo_met, "slo_missed": iv.slo_missed, "goodput_tokens": iv.good_tokens,
+                "failure": iv.failure}
         if self.record_dir is not None:
             self._episode.append({"step": self.steps, "action": action, "reward": reward, "terms": terms,
                                   "config": dict(self._cfg), "telemetry": telemetry})
@@ -272,15 +273,17 @@ class HeliosServingEnv(gym.Env):
             # minus one per interval: a trace's output is fixed, so the episode's sum (tokens served over
             # the demand, minus intervals used) rewards serving it sooner, not merely serving it
             obj = s.output_tokens / dt / norm["demand_tps"] - 1.0
-        elif self.objective == "goodput":
-            floor = self.scenario.slo.agreement_floor
-            good = iv.slo_met_tokens if (iv.agreement is None or iv.agreement >= floor) else 0
-            obj = good / dt / norm["demand_tps"]
+        elif self.objective == "goodput":  # tokens of requests meeting the SLO and the quality floors
+            obj = iv.good_tokens / dt / norm["demand_tps"]
         elif self.objective == "latency":
             obj = -(s.ttft_p95 / self.scenario.slo.ttft_s) if s.requests_finished else 0.0
         else:  # energy: tokens per busy second, relative to the demand
             obj = (s.output_tokens / max(iv.busy_s, 1e-9) / norm["demand_tps"]) if s.output_tokens else 0.0
         done = iv.slo_met + iv.slo_missed
+        if iv.agreement is None and done:
+            raise RuntimeError(f"{self.kind} backend finished {done} request(s) without an accuracy value: the "
+                               f"reward's accuracy term cannot be computed (an interval with output must be scored)")
+        # None only when no request finished in the interval: nothing served yet to score, nothing to pay
         return {"objective": float(obj), "breach": -w["breach"] * float(s.breach_rate),
                 "agreement": -w["agreement"] * (1.0 - iv.agreement) if iv.agreement is not None else 0.0,
                 "slo": -w["slo"] * (iv.slo_missed / done if done else 0.0), "switch": -w["switch"] * cost / dt,

@@ -6,6 +6,12 @@ are placed on a clock that advances by each step's measured compute time (the sc
 ``backend.timing``), and jumps to the next arrival when the engine is idle, so nothing sleeps; under
 the wall clock time passes by itself and idle gaps are slept. Load and switch costs are real: the
 engine really loads the layers and the clock is charged what that cost.
+
+Every request that finishes is scored on what it was served (:mod:`helios_rl.evaluation.scorer`:
+free-running agreement with the serving model's own full-depth output, teacher-forced agreement,
+reference-model perplexity), outside the episode's clock and the memory budget; an interval's
+``agreement`` is that measurement, and the simulator profile's prediction, where one is loaded, is
+kept beside it in ``Interval.extra``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from helios_rl.scenario import exit_setting
 from helios_rl.engine.engine import Engine
 from helios_rl.engine.request import RequestError, SamplingParams
 from helios_rl.env.backend import Interval, episode_summary
+from helios_rl.evaluation.accuracy import Segment
 from helios_rl.evaluation.replay import format_prompt
+from helios_rl.evaluation.scorer import ScoreTotals, ServedRequest, quality_ok
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for
 from helios_rl.models.layered import release_freed_memory
 from helios_rl.utils.device import parse_dtype, resolve_device
@@ -48,11 +56,16 @@ class WallClock:
         if delay > 0:
             time.sleep(delay)
 
+    def exclude(self, seconds: float) -> None:
+        """Take ``seconds`` (work outside serving, e.g. scoring) off the episode's clock."""
+        self.t0 += seconds
+
 
 class LiveBackend:
     """The real engine under control (see module docstring)."""
 
-    def __init__(self, scenario, workload, clock: str = "virtual", timing: str | None = None, profile=None) -> None:
+    def __init__(self, scenario, workload, clock: str = "virtual", timing: str | None = None, profile=None,
+                 score: bool = True) -> None:
         if clock not in ("virtual", "wall"):
             raise ValueError(f"clock must be 'virtual' or 'wall', got {clock!r}")
         sc = self.scenario = scenario
@@ -73,6 +86,16 @@ class LiveBackend:
             self.sim_profile = SimProfile.load(profile)
             self.sim_profile.check(sc, str(profile))
         self.engine: Engine | None = None
+        self.score = score
+        self.scorer = None
+        if not score and profile is None:
+            raise ValueError("the live backend needs to score what it serves (score=True) or a simulator profile "
+                             "to predict agreement: an interval without an accuracy value cannot be rewarded")
+        if score:
+            from helios_rl.evaluation.scorer import ServedScorer
+
+            self.scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"),
+                                       sc.engine.max_model_len + 64, sc.reference_model())
         self.clock = VirtualClock(0.0)
         self._adm: dict[tuple[str, int], int] = {}
         self.now = 0.0
@@ -108,6 +131,9 @@ class LiveBackend:
                                         exit_layers=self._exit_layers(), measure=self.scenario.exits.measure))
         self.seed = seed
         self.pending = sorted(self.workload.requests(seed), key=lambda r: r.arrival_s)
+        self.specs = {r.request_id: r for r in self.pending}
+        self.segments: dict[str, list] = {}
+        self.scores: list = []  # every request scored this episode
         self.i = 0
         self.errors = 0
         self.n_records = 0
@@ -168,10 +194,11 @@ class LiveBackend:
                 continue
             t0 = self.timer.start()
             try:
-                eng.step()
+                events = eng.step()
             except Exception as exc:  # a real serving failure ends the episode
                 failure = f"{type(exc).__name__}: {exc}"
                 break
+            self._track(events, eng.model.name)
             cost = self.timer.step_cost(t0, eng.telemetry.steps[-1])
             clock.advance(cost)
             busy += cost
@@ -180,11 +207,13 @@ class LiveBackend:
         snap = eng.snapshot(since=self.prev_end)
         self.prev_end = clock.now
         self.now = clock.now
-        met = missed = met_tokens = 0
+        met = missed = met_tokens = good_tokens = 0
         recs = eng.telemetry.requests
         new = list(recs)[self.n_records - len(recs):] if self.n_records < len(recs) else []
         self.n_records = len(recs)
         slo = self.scenario.slo
+        scores = self._score(new)
+        totals = ScoreTotals()
         for r in new:
             if r.ttft is not None:
                 self.ttfts.append(r.ttft)
@@ -193,14 +222,58 @@ class LiveBackend:
             ok = r.ttft is not None and r.ttft <= slo.ttft_s and (r.tpot is None or r.tpot <= slo.tpot_s)
             met, missed = met + ok, missed + (not ok)
             met_tokens += r.output_tokens if ok else 0
+            s = scores.get(r.request_id)
+            if s is not None:
+                totals.add(s)
+            if ok and quality_ok(s, slo):
+                good_tokens += r.output_tokens
         self.served += len(new)
         self.tokens += snap.output_tokens
         for r in new:
             eng.release(r.request_id)
-        agreement = None
+            self.segments.pop(r.request_id, None)
+        predicted = None
         if self.sim_profile is not None and snap.model in self.sim_profile.models:
-            agreement = self.sim_profile.models[snap.model].exit_stats(snap.depth, exit_setting(eng.config))[2]
-        return Interval(snap, met, missed, agreement, busy, failure, slo_met_tokens=met_tokens)
+            predicted = self.sim_profile.models[snap.model].exit_stats(snap.depth, exit_setting(eng.config))[2]
+        if self.scorer is not None:
+            agreement, source = totals.agreement, "measured"
+        else:
+            agreement, source = predicted, "predicted"
+            good_tokens = met_tokens if predicted is not None and predicted >= slo.agreement_floor else 0
+        extra = {"agreement_source": source if agreement is not None else "none (no request finished)",
+                 "predicted_agreement": predicted, "scored": totals.to_dict()}
+        return Interval(snap, met, missed, agreement, busy, failure, slo_met_tokens=met_tokens,
+                        good_tokens=good_tokens, extra=extra)
+
+    def _track(self, events, model: str) -> None:
+        """Record each served token under the model that served it (a switch starts a new segment)."""
+        for e in events:
+            if e.token_id < 0:
+                continue
+            segs = self.segments.setdefault(e.request_id, [])
+            if not segs or segs[-1].model != model:
+                segs.append(Segment(model))
+            segs[-1].ids.append(int(e.token_id))
+            segs[-1].exit_layers.append(int(e.exit_layer))
+
+    def _score(self, finished) -> dict:
+        """Score the requests that finished (off the episode's clock: a wall clock is set back)."""
+        if self.scorer is None or not finished:
+            return {}
+        served = []
+        for r in finished:
+            req, spec = self.engine.requests.get(r.request_id), self.specs.get(r.request_id)
+            prompt = format_prompt(spec) if spec is not None else (req.prompt_text if req else "")
+            served.append(ServedRequest(r.request_id, prompt, list(self.segments.get(r.request_id, [])),
+                                        spec.task if spec is not None else None,
+                                        req.output_text if req is not None else None))
+        wall0 = time.perf_counter()
+        out = {s.request_id: s for s in self.scorer.score(served)}
+        self.scores.extend(out.values())
+        exclude = getattr(self.clock, "exclude", None)
+        if exclude is not None:
+            exclude(time.perf_counter() - wall0)
+        return out
 
     def summary(self) -> dict:
         return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending))
@@ -227,5 +300,7 @@ class LiveBackend:
         if kept is not None:
             kept.unload()
             self._kept = None
+        if self.scorer is not None:
+            self.scorer.close()
         gc.collect()
         release_freed_memory(self.device)

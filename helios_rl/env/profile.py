@@ -66,19 +66,25 @@ class ModelSim:
     tokenizer_s: float = 0.0  # loading this model's tokenizer (a switch away loads it if no request did)
     exits: dict[str, dict] = field(default_factory=dict)  # "depth:thr" -> {p, breach, agreement, conf}
 
-    def exit_stats(self, depth: int, threshold: float | None) -> tuple[np.ndarray, float, float, float]:
-        """(exit distribution over layers, breach rate, agreement, mean confidence) at a config.
+    def exit_stats(self, depth: int, threshold: float | None,
+                   task: str | None = None) -> tuple[np.ndarray, float, float, float]:
+        """(exit distribution over layers, breach rate, agreement, mean confidence) at a config, for
+        one task of the workload where the profile measured it per task (else over all tasks).
 
         Measured points are used as they are; others are derived from the deepest measured depth at
         the nearest threshold: tokens that would exit deeper than the loaded depth exit at its last
         layer as breaches, and agreement is interpolated between measured depths.
         """
+        def pick(v: dict) -> dict:
+            return v.get("by_task", {}).get(task, v) if task is not None else v
+
         key = f"{depth}:{thr_key(threshold)}"
         st = self.exits.get(key)
         if st is not None:
+            st = pick(st)
             return np.asarray(st["p"], dtype=float), st["breach"], st["agreement"], st["conf"]
         tk = self._nearest_thr(threshold)
-        rows = sorted((int(k.split(":")[0]), v) for k, v in self.exits.items() if k.split(":")[1] == tk)
+        rows = sorted((int(k.split(":")[0]), pick(v)) for k, v in self.exits.items() if k.split(":")[1] == tk)
         if not rows:
             p = np.zeros(self.num_layers)
             p[depth - 1] = 1.0
@@ -96,6 +102,15 @@ class ModelSim:
         agree = float(np.interp(depth, ds, [v["agreement"] for _, v in rows]))
         conf = float(np.interp(depth, ds, [v["conf"] for _, v in rows]))
         return p, breach, agree, conf
+
+    def request_draws(self, depth: int, threshold: float | None, task: str | None) -> tuple[list, list]:
+        """Measured per-request agreements (and reference perplexities, where calibrated) of a config
+        and task, to draw simulated requests from; empty where the point was not measured."""
+        st = self.exits.get(f"{depth}:{thr_key(threshold)}")
+        if st is None:
+            return [], []
+        st = st.get("by_task", {}).get(task, st) if task is not None else st
+        return list(st.get("request_agreements", [])), list(st.get("request_ppl", []))
 
     def layers_for(self, threshold: float | None) -> list[int]:
         """The exit layers an exit setting uses (a precision target names its own; recorded per point)."""

@@ -7,7 +7,11 @@ admission, a finish, an arrival and the interval's end the batch is constant, so
 steps is closed form, ``T(k) = k a + b (k S0 + n k (k - 1) / 2)`` (``S0`` the batch's total context,
 growing by ``n`` per step), from the step-time model a :class:`~helios_rl.env.profile.SimProfile`
 fitted on the live engine. Exit layers, breaches and agreement come from the profile's measured
-distributions of the config in force. Seeded noise: step-time jitter at the fit's residual, and
+distributions of the config in force, per task of the workload: each finishing request draws its
+free-running agreement (and, where calibrated, its reference perplexity) from the measured requests
+of its task under the config in force, so a task-mix shift changes what the simulator predicts, and
+goodput counts a request only if it meets the SLO and the quality floors, as on the live backend.
+The step-time model uses the config's exit distribution over all tasks. Seeded noise: step-time jitter at the fit's residual, and
 multinomial exit counts; ``randomize`` scales the step-time model per episode (domain randomisation).
 """
 
@@ -51,6 +55,10 @@ class SimBackend:
         self.rng = np.random.default_rng(seed)
         arr, ptok, newtok = self.workload(seed)
         self.arr_t, self.ptok, self.newtok = arr.tolist(), ptok.tolist(), newtok.tolist()
+        tasks = self.workload.tasks(seed) if hasattr(self.workload, "tasks") else ["all"] * len(arr)
+        self.task_names = sorted(set(tasks)) or ["all"]
+        self.task_of = [self.task_names.index(t) for t in tasks]
+        self.run_tasks = np.zeros(len(self.task_names), dtype=np.int64)
         self.n_req = len(arr)
         self.next_i = 0
         self.now = 0.0
@@ -59,11 +67,11 @@ class SimBackend:
         # steps is just G += k (no per-row update); a heap of ends gives the next finish.
         self.G = 0
         self.tok_loaded = False
-        self.running: dict[int, list] = {}  # id -> [end, base, arrival, first, ntok_off, needs_prefill]
+        self.running: dict[int, list] = {}  # id -> [end, base, arrival, first, ntok_off, needs_prefill, task]
         self.heap: list[tuple[int, int]] = []
         self.sum_base = 0
         self.pre_ids: list[int] = []
-        self.waiting: deque = deque()  # [rem, ctx, arrival, first, ntok]
+        self.waiting: deque = deque()  # [rem, ctx, arrival, first, ntok, task]
         self._ids = 0
         self.ttfts: list[float] = []
         self.tpots: list[float] = []
@@ -128,16 +136,26 @@ class SimBackend:
         self.max_batch = max(1, min(adm, batch or adm))
         while len(self.running) > self.max_batch:  # preempt the newest rows; they resume by re-prefill
             rid = next(reversed(self.running))
-            end, base, arrival, first, off, _ = self.running.pop(rid)
+            end, base, arrival, first, off, _, task = self.running.pop(rid)
             self.sum_base -= base
+            self.run_tasks[task] -= 1
             G = self.G
-            self.waiting.appendleft([end - G, base + G, arrival, first, off + G])
+            self.waiting.appendleft([end - G, base + G, arrival, first, off + G, task])
         self.pre_ids = [i for i in self.pre_ids if i in self.running]
         key = (model, depth, threshold)
         if key not in self._derived:
             self._derived[key] = self._derive(ms, depth, threshold)
         (self.p, self.breach_p, self.agreement, self.conf, self.a0, self.a1, self.a1_pre, self.b,
          self.c_pre) = self._derived[key]
+        tkey = (model, depth, threshold, "tasks")
+        if tkey not in self._derived:
+            per = []
+            for t in self.task_names:
+                p, breach, agree, _ = ms.exit_stats(depth, threshold, t)
+                draws, ppl = ms.request_draws(depth, threshold, t)
+                per.append((p / p.sum() if p.sum() > 0 else p, breach, agree, draws, ppl))
+            self._derived[tkey] = per
+        self.task_stats = self._derived[tkey]
         self.weight_bytes = ms.weight_bytes[depth - 1]
         self.kv_bytes = ms.slot_bytes[depth - 1] * self.max_batch
 
@@ -168,7 +186,7 @@ class SimBackend:
             self.tok_loaded = True  # the engine tokenizes a request on arrival
         while self.next_i < self.n_req and arr[self.next_i] <= now:
             i = self.next_i
-            self.waiting.append([self.newtok[i], self.ptok[i], arr[i], math.nan, 0])
+            self.waiting.append([self.newtok[i], self.ptok[i], arr[i], math.nan, 0, self.task_of[i]])
             self.next_i += 1
 
     def _admit(self) -> None:
@@ -176,7 +194,7 @@ class SimBackend:
         budget, n = self.max_prefill, 0
         G = self.G
         while self.waiting and n < free:
-            rem, ctx, arrival, first, ntok = self.waiting[0]
+            rem, ctx, arrival, first, ntok, task = self.waiting[0]
             if n and ctx > budget:
                 break
             self.waiting.popleft()
@@ -184,7 +202,8 @@ class SimBackend:
             n += 1
             rid = self._ids
             self._ids += 1
-            self.running[rid] = [G + rem, ctx - G, arrival, first, ntok - G, True]
+            self.running[rid] = [G + rem, ctx - G, arrival, first, ntok - G, True, task]
+            self.run_tasks[task] += 1
             heapq.heappush(self.heap, (G + rem, rid))
             self.sum_base += ctx - G
             self.pre_ids.append(rid)
@@ -207,7 +226,10 @@ class SimBackend:
         tokens = prefill = steps = pre_tokens = 0
         busy = 0.0
         ttfts, tpots = [], []
-        met = missed = finished = met_tokens = 0
+        met = missed = finished = met_tokens = good_tokens = 0
+        agree_sum, agree_tokens = 0.0, 0
+        task_tokens = np.zeros(len(self.task_names), dtype=np.int64)
+        floor, max_ppl = self.slo.agreement_floor, self.slo.max_reference_ppl
         arrivals0 = self.next_i
         slo_ttft, slo_tpot = self.slo.ttft_s, self.slo.tpot_s
         a0, a1, b, running, heap = self.a0, self.a1, self.b, self.running, self.heap
@@ -257,6 +279,7 @@ class SimBackend:
             busy += dt
             steps += k
             tokens += n * k
+            task_tokens += self.run_tasks * k
             self.G = G = G + k
             while heap and heap[0][0] <= G:
                 _, rid = heapq.heappop(heap)
@@ -266,6 +289,7 @@ class SimBackend:
                         running[rid] = row
                     continue
                 self.sum_base -= row[1]
+                self.run_tasks[row[6]] -= 1
                 first, nt = row[3], row[4] + G
                 ttft = first - row[2]
                 ttfts.append(ttft)
@@ -276,6 +300,10 @@ class SimBackend:
                     ok = ok and tpot <= slo_tpot
                 met, missed, finished = met + ok, missed + (not ok), finished + 1
                 met_tokens += nt if ok else 0
+                a, ppl = self._draw(row[6])
+                agree_sum, agree_tokens = agree_sum + a * nt, agree_tokens + nt
+                if ok and a >= floor and (max_ppl is None or ppl is None or ppl <= max_ppl):
+                    good_tokens += nt
             if self.now >= t_end:
                 break
         self._arrive()
@@ -284,20 +312,42 @@ class SimBackend:
         self.tokens += tokens
         self.served += finished
         self.prev_end = self.now
-        snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0)
-        return Interval(snap, met, missed, self.agreement, busy, slo_met_tokens=met_tokens)
+        snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0,
+                              task_tokens)
+        agreement = agree_sum / agree_tokens if agree_tokens else None
+        extra = {"agreement_source": "predicted" if agreement is not None else "none (no request finished)",
+                 "predicted_agreement": self.agreement}
+        return Interval(snap, met, missed, agreement, busy, slo_met_tokens=met_tokens, good_tokens=good_tokens,
+                        extra=extra)
+
+    def _draw(self, task: int) -> tuple[float, float | None]:
+        """A finishing request's free-running agreement (and reference perplexity) under the config in
+        force: one of its task's measured requests, or the task's mean where none were recorded."""
+        _, _, mean, draws, ppl = self.task_stats[task]
+        if not draws:
+            return float(mean), None
+        j = int(self.rng.integers(len(draws))) if self.noise else None
+        if j is None:
+            return float(np.mean(draws)), (float(np.mean(ppl)) if ppl else None)
+        return float(draws[j]), (float(ppl[j]) if ppl else None)
 
     def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
-                  finished: int, arrivals: int) -> TelemetrySnapshot:
+                  finished: int, arrivals: int, task_tokens: np.ndarray | None = None) -> TelemetrySnapshot:
         ms = self._ms
         window = max(self.now - t0, 1e-9)
         dec = tokens - pre_tokens
+        p, breach_p = self.p, self.breach_p
+        if task_tokens is not None and task_tokens.sum() > 0:  # the interval's task mix
+            w = task_tokens / task_tokens.sum()
+            p = sum(wi * st[0] for wi, st in zip(w, self.task_stats))
+            p = p / p.sum() if p.sum() > 0 else self.p
+            breach_p = float(sum(wi * st[1] for wi, st in zip(w, self.task_stats)))
         if dec and self.noise:
-            counts = self.rng.multinomial(dec, self.p)
-            breaches = int(self.rng.binomial(dec, min(1.0, max(0.0, self.breach_p))))
+            counts = self.rng.multinomial(dec, p)
+            breaches = int(self.rng.binomial(dec, min(1.0, max(0.0, breach_p))))
         else:
-            counts = np.round(self.p * dec).astype(np.int64)
-            breaches = int(round(dec * self.breach_p))
+            counts = np.round(p * dec).astype(np.int64)
+            breaches = int(round(dec * breach_p))
         counts[self.depth - 1] += pre_tokens
         total = counts.sum()
         tt, tp = percentiles(ttfts, (50, 95, 99)), percentiles(tpots, (50, 95, 99))

@@ -59,6 +59,10 @@ class EpisodeWorkload:
 
     __call__ = arrays
 
+    def tasks(self, seed: int) -> list[str]:
+        """Each request's task, in the order of :meth:`arrays`."""
+        return [r.task for r in self.requests(seed)]
+
     def rates(self, seed: int) -> tuple[float, float]:
         """(mean arrival rate, mean new tokens per request) of the seed's trace (for normalisation)."""
         arr, _, new = self.arrays(seed)

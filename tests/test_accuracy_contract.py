@@ -1,0 +1,158 @@
+"""Accuracy measured on what was served, one contract on both backends, and probes for reward hacking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import helios_rl.env  # noqa: F401
+from helios_rl.engine.config import ServingConfig
+from helios_rl.env.env import HeliosServingEnv
+
+
+def run_policy(env, choose, seed: int = 0, steps: int = 400):
+    """Run one episode with ``choose(env, t) -> ServingConfig | None``; returns (total reward, goodput
+    tokens, infos)."""
+    env.reset(seed=seed)
+    total, good, infos = 0.0, 0, []
+    for t in range(steps):
+        _, r, term, trunc, info = env.step_config(choose(env, t))
+        total += r
+        good += info["goodput_tokens"]
+        infos.append(info)
+        if term or trunc:
+            break
+    return total, good, infos
+
+
+def _depths(env, m):
+    return env.depth_values[m] if isinstance(env.depth_values, dict) else env.depth_values
+
+
+def shallowest(env, t):
+    """The shallowest depth the action space offers, at the scenario's default exit setting."""
+    m = env._cfg["model"]
+    return ServingConfig(model=m, depth=min(_depths(env, m)))
+
+
+def loosest(env, t):
+    """Full depth at the exit setting that lets the most tokens out (lowest target / threshold)."""
+    m = env._cfg["model"]
+    return ServingConfig(model=m, depth=env.L[m], **env.scenario.exits.knob(min(env.thresholds)))
+
+
+def full(env, t):
+    """Full depth at the strictest exit setting."""
+    m = env._cfg["model"]
+    return ServingConfig(model=m, depth=env.L[m], **env.scenario.exits.knob(max(env.thresholds)))
+
+
+@pytest.mark.parametrize("hack", [shallowest, loosest], ids=["shallowest-depth", "loosest-exits"])
+@pytest.mark.parametrize("backend", ["live", "sim"])
+def test_cheap_configs_earn_less_reward_and_goodput_than_full_depth(probe_scenario, probe_profile, backend, hack):
+    env = HeliosServingEnv(str(probe_scenario), backend=backend, profile=str(probe_profile))
+    r_shallow, g_shallow, infos = run_policy(env, hack)
+    r_full, g_full, full_infos = run_policy(env, full)
+    env.close()
+    assert g_full > 0 and g_shallow < g_full
+    assert r_shallow < r_full
+    scored = [i for i in infos if i["agreement"] is not None]
+    assert scored and all(i["agreement_source"] == ("measured" if backend == "live" else "predicted") for i in scored)
+    # the accuracy term is never zero when the served config's agreement is below the floor
+    below = [i for i in scored if i["agreement"] < 0.9]
+    assert below and all(i["reward_terms"]["agreement"] < 0 for i in below)
+    if backend == "live":  # full depth, no exits: the measured free-running agreement is exactly 1
+        assert all(i["agreement"] == 1.0 for i in full_infos if i["agreement"] is not None)
+
+
+@pytest.mark.parametrize("backend", ["live", "sim"])
+def test_switching_every_interval_pays_the_measured_switch_cost(probe_scenario, probe_profile, backend):
+    env = HeliosServingEnv(str(probe_scenario), backend=backend, profile=str(probe_profile))
+    models = list(env.models)
+
+    def flip(env, t):
+        other = models[(models.index(env._cfg["model"]) + 1) % len(models)]
+        return ServingConfig(model=other)
+
+    _, _, infos = run_policy(env, flip, steps=6)
+    env.close()
+    switched = [i for i in infos if i["rejected"] is None]
+    assert len(switched) >= 3
+    w = env.weights["switch"]
+    for i in switched:
+        assert i["switch_cost_s"] > 0
+        assert i["reward_terms"]["switch"] == pytest.approx(-w * i["switch_cost_s"] / env.interval_s)
+
+
+def test_live_scores_served_tokens_against_the_full_models_own_continuation(probe_scenario):
+    """The scorer's free-running agreement equals an independent count against the full model's greedy output."""
+    from helios_rl.engine import Engine, EngineSettings, SamplingParams
+    from helios_rl.evaluation.runtime import ModelLoader
+
+    env = HeliosServingEnv(str(probe_scenario), backend="live", timing="cpu")
+    env.reset(seed=1)
+    m = env._cfg["model"]
+    cfg = ServingConfig(model=m, depth=2)
+    infos = []
+    for _ in range(400):
+        _, _, term, trunc, info = env.step_config(cfg)
+        infos.append(info)
+        if term or trunc:
+            break
+    scores = list(env.backend.scores)
+    segs_ok = all(s.tokens > 0 for s in scores)
+    cost = env.backend.scorer.cost()
+    env.close()
+    assert scores and segs_ok and cost["cpu_s"] > 0 and cost["cpu_s_per_token"] > 0
+    measured = sum(s.match for s in scores) / sum(s.tokens for s in scores)
+    per_interval = [i for i in infos if i["agreement"] is not None]
+    tok = sum(i["scored"]["tokens"] for i in per_interval)
+    assert tok == sum(s.tokens for s in scores)
+    assert sum(i["agreement"] * i["scored"]["tokens"] for i in per_interval) / tok == pytest.approx(measured)
+    # independently: the full model's own continuation of one served prompt, compared position by position
+    spec = env.backend.specs[scores[0].request_id]
+    lm = ModelLoader("cpu", None, "shared")(m, None)
+    from helios_rl.evaluation.replay import format_prompt
+
+    eng = Engine(lm, EngineSettings(max_batch=1, max_model_len=128))
+    (ref,) = eng.generate([format_prompt(spec)], SamplingParams(max_new_tokens=spec.max_new_tokens, ignore_eos=True))
+    assert scores[0].tokens == len(ref.output_ids)
+    assert 0 <= scores[0].match <= scores[0].tokens
+
+
+def test_a_finished_request_without_an_accuracy_value_is_an_error(probe_scenario, probe_profile, monkeypatch):
+    env = HeliosServingEnv(str(probe_scenario), backend="live", profile=str(probe_profile))
+    env.reset(seed=0)
+    monkeypatch.setattr(env.backend, "_score", lambda finished: {})
+    monkeypatch.setattr(env.backend, "scorer", env.backend.scorer)
+    from helios_rl.env import live
+
+    monkeypatch.setattr(live.ScoreTotals, "agreement", property(lambda self: None))
+    with pytest.raises(RuntimeError, match="without an accuracy value"):
+        for _ in range(400):
+            env.step_config(None)
+    env.close()
+
+
+def test_live_backend_refuses_to_run_without_scoring_or_a_profile(probe_scenario):
+    from helios_rl.env.live import LiveBackend
+    from helios_rl.env.workload import EpisodeWorkload
+    from helios_rl.scenario import Scenario
+
+    sc = Scenario.from_yaml(probe_scenario)
+    with pytest.raises(ValueError, match="needs to score what it serves"):
+        LiveBackend(sc, EpisodeWorkload(sc), score=False)
+
+
+def test_sim_draws_agreement_per_task_so_a_task_mix_shift_changes_the_prediction(probe_profile):
+    from helios_rl.env.profile import SimProfile
+
+    prof = SimProfile.load(probe_profile)
+    ms = next(iter(prof.models.values()))
+    point = next(v for k, v in ms.exits.items() if k.startswith("2:"))
+    assert set(point["by_task"]) == {"chat", "completion"}
+    assert point["tokens"] >= 200 and all(len(t["request_agreements"]) >= 1 for t in point["by_task"].values())
+    a = {t: ms.exit_stats(2, 0.06, t)[2] for t in point["by_task"]}
+    assert a["chat"] != a["completion"], "the tasks' measured agreements differ on these prompts"
+    lo, hi = point["agreement_ci"]
+    assert lo <= point["agreement"] <= hi

@@ -183,6 +183,19 @@ def test_compare_reports_iqm_cis_and_probability_of_improvement(trained, tiny_sc
     assert (out / "goodput_iqm.png").stat().st_size > 1000
 
 
+def test_compare_live_with_measured_cpu_timing(trained, tiny_scenario, tiny_profile, tmp_path):
+    """``compare`` on the live backend under ``timing: cpu``: served output is scored, every request done."""
+    from helios_rl.agents.compare import compare
+
+    path = tmp_path / "cpu.yaml"
+    path.write_text(tiny_scenario.read_text().replace("timing: modeled", "timing: cpu"))
+    res = compare(str(path), [trained["run_dir"]], ["static"], seeds=2, backend="live", out=tmp_path / "cmp",
+                  profile=str(tiny_profile), reps=100, progress=False, say=lambda s: None)
+    assert res["timing"] == "cpu"
+    for m, eps in res["episodes"].items():
+        assert len(eps) == 2 and all(e["served"] == e["requests"] for e in eps), m
+
+
 def test_stats_match_rliable_definitions():
     from helios_rl.agents.stats import bootstrap_ci, iqm, prob_improvement
 

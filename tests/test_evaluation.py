@@ -63,9 +63,10 @@ def test_evaluate_end_to_end_writes_results_and_is_reproducible(tmp_path, scenar
     for name in ("static", "helios", "random", "best-static"):
         m = data["controllers"][name]
         for key in ("tokens_per_s", "requests_per_s", "goodput_rps", "ttft_p50", "ttft_p95", "ttft_p99", "tpot_p50",
-                    "tpot_p99", "batch_mean", "batch_max", "resident_mean_bytes", "energy_j", "agreement", "match",
-                    "perplexity", "switches", "loads"):
+                    "tpot_p99", "batch_mean", "batch_max", "resident_mean_bytes", "energy_j", "agreement", "teacher_forced_agreement",
+                    "reference_ppl", "switches", "loads"):
             assert key in m, (name, key)
+        assert m["reference_ppl"] > 1.0
         assert m["served"] == 10
     assert (out / "results.md").read_text().startswith("# Evaluation: tiny")
     for png in ("throughput.png", "latency_cdf.png", "exit_layers.png", "config_timeline.png"):
@@ -90,7 +91,7 @@ def test_full_depth_without_exits_agrees_exactly_and_idle_clock_jumps(tmp_path, 
     ev = Evaluation(sc, ["static"])
     res = ev.run()
     m = res["controllers"]["static"]
-    assert m["agreement"] == 1.0 and m["match"] == 1.0 and m["scored_tokens"] == 60
+    assert m["agreement"] == 1.0 and m["teacher_forced_agreement"] == 1.0 and m["scored_tokens"] == 60
     run = ev.runs[0]["static"]
     assert run.virtual_s >= max(r.arrival for r in run.requests)  # the clock jumped to each arrival
     assert m["ttft_p99"] < 0.1  # ... and nothing waited behind a busy engine
@@ -126,3 +127,17 @@ def test_cli_reports_bad_scenario_and_bad_trace(tmp_path, scenario_path, capsys)
     assert main(["evaluate", str(path), "--trace", str(trace), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{trace}: line 3: column 'ContextTokens'" in err
+
+
+def test_evaluate_with_measured_cpu_timing_serves_everything(tmp_path, scenario_path):
+    """The harness under ``timing: cpu`` (each step charged the process CPU time it measured)."""
+    path = scenario_path()
+    path.write_text(path.read_text().replace("timing: modeled", "timing: cpu").replace(
+        "controllers: [static, helios, random, best-static]", "controllers: [static, helios]"))
+    sc = Scenario.from_yaml(path)
+    assert sc.backend.timing == "cpu"
+    res = evaluate(sc, tmp_path / "cpu")
+    for name in ("static", "helios"):
+        m = res["controllers"][name]
+        assert m["served"] == 10 and m["tokens_per_s"] > 0 and 0.0 <= m["agreement"] <= 1.0
+    assert res["timing"] == "cpu"

@@ -37,6 +37,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     init, _ = env.resolve_config(first, env._initial())
     env.reset(seed=seed, options={"config": init})
     reward, good, steps, switches = 0.0, 0, 0, 0
+    agree_sum, agree_tokens = 0.0, 0
     terms: dict[str, float] = {}
     configs = [dict(init)]
     info: dict = {}
@@ -47,6 +48,9 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
         reward += r
         good += info["goodput_tokens"]
         steps += 1
+        scored = (info.get("scored") or {}).get("tokens", 0)
+        if info.get("agreement") is not None and scored:
+            agree_sum, agree_tokens = agree_sum + info["agreement"] * scored, agree_tokens + scored
         for k, v in info["reward_terms"].items():
             terms[k] = terms.get(k, 0.0) + v
         now = info["config"]
@@ -61,7 +65,9 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     return {"seed": seed, "reward": reward, "reward_terms": terms, "goodput_tps": good / elapsed,
             "tokens_per_s": summ["tokens_per_s"], "ttft_p95": summ["ttft_p95"], "tpot_p95": summ["tpot_p95"],
             "served": summ["served"], "requests": summ["requests"], "elapsed_s": summ["elapsed_s"], "steps": steps,
-            "switches": switches, "configs": configs, "failure": info.get("failure")}
+            "switches": switches, "configs": configs, "failure": info.get("failure"),
+            "agreement": agree_sum / agree_tokens if agree_tokens else None,
+            "agreement_source": "measured" if env.kind == "live" else "predicted"}
 
 
 def _context(sc, env, backend: str, say):
@@ -170,8 +176,9 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
                "policy_files": {m: str(c.run.policy_path) for m, c in methods.items() if m.startswith("policy:")},
                "episodes": episodes, "decisions": {m: getattr(c, "log", [])[:200] for m, c in methods.items()},
                "wall_s": round(wall, 1), "machine": machine_info(), "git": git_revision(),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "metric": "goodput_tps: output tokens/s of requests "
-               "meeting the SLO (TTFT, TPOT) while the config in force met the agreement floor"}
+               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "timing": sc.backend.timing,
+               "metric": "goodput_tps: output tokens/s of requests meeting the SLO (TTFT, TPOT) and the quality "
+               "floors (free-running agreement >= slo.agreement_floor, measured on live, predicted on sim)"}
     results = _clean(results)
     results["plots"] = [p.name for p in plot_compare(results, out)]
     atomic_write_json(out / "results.json", results)
@@ -183,8 +190,8 @@ def markdown(results: dict) -> str:
     s = results["summary"]
     lines = [f"# compare: {results['scenario']} ({results['backend']} backend, {len(results['seeds'])} held-out seeds)",
              "", "| method | goodput IQM (tok/s) | 95 % CI | vs helios (IQM ratio) | 95 % CI | P(improve) | "
-             "mean reward | throughput (tok/s) | TTFT p95 (s) | switches |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "mean reward | throughput (tok/s) | TTFT p95 (s) | switches | agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, st in results["stats"].items():
         eps = results["episodes"].get(m, [])
         ratio = st.get("vs_helios_iqm_ratio")
@@ -193,15 +200,18 @@ def markdown(results: dict) -> str:
         def f(x, p=2):
             return "-" if x is None else f"{x:.{p}f}"
 
-        mean = (lambda k: float(np.mean([e[k] for e in eps])) if eps else None)
+        mean = (lambda k: float(np.mean([e[k] for e in eps if e.get(k) is not None]))
+                if any(e.get(k) is not None for e in eps) else None)
         lines.append(f"| {m} | {f(st['iqm'])} | [{f(st['iqm_ci'][0])}, {f(st['iqm_ci'][1])}] | {f(ratio, 3)} | "
                      + (f"[{f(ci[0], 3)}, {f(ci[1], 3)}]" if ci else "-")
                      + f" | {f(st.get('prob_improvement_vs_helios'))} | {f(mean('reward') if eps else None)} | "
                        f"{f(mean('tokens_per_s') if eps else None)} | {f(mean('ttft_p95') if eps else None)} | "
-                       f"{f(mean('switches') if eps else None, 1)} |")
+                       f"{f(mean('switches') if eps else None, 1)} | {f(mean('agreement'), 3)} |")
     lines += ["", "Summary: " + ", ".join(f"`{k}` = {v:.4g}" if isinstance(v, float) else f"`{k}` = {v}"
                                         for k, v in s.items() if not isinstance(v, dict)),
-              "", f"Goodput: {results['metric']}. CIs: {next(iter(results['stats'].values()))['ci_method']}.", ""]
+              "", f"Goodput: {results['metric']}. CIs: {next(iter(results['stats'].values()))['ci_method']}.",
+              f"Agreement: free-running agreement of the served tokens with the serving model's own full-depth "
+              f"output ({'measured' if results['backend'] == 'live' else 'predicted by the simulator'}).", ""]
     return "\n".join(lines)
 
 

@@ -316,7 +316,7 @@ class SimBackend:
                               task_tokens)
         agreement = agree_sum / agree_tokens if agree_tokens else None
         extra = {"agreement_source": "predicted" if agreement is not None else "none (no request finished)",
-                 "predicted_agreement": self.agreement}
+                 "predicted_agreement": self.agreement, "scored": {"tokens": agree_tokens, "agreement": agreement}}
         return Interval(snap, met, missed, agreement, busy, slo_met_tokens=met_tokens, good_tokens=good_tokens,
                         extra=extra)
 

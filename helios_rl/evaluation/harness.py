@@ -23,7 +23,7 @@ from helios_rl.controllers import ControllerContext, make_controller
 from helios_rl.controllers.params import params_dict
 from helios_rl.controllers.repository import checkpoint_facts
 from helios_rl.controllers.static import BestStaticController, StaticController
-from helios_rl.evaluation.accuracy import AccuracyScorer
+from helios_rl.evaluation.scorer import ScoreTotals, ServedRequest, ServedScorer
 from helios_rl.evaluation.metrics import aggregate, run_metrics, summary
 from helios_rl.evaluation.profiling import ensure_repository
 from helios_rl.evaluation.replay import ReplayResult, replay
@@ -115,12 +115,18 @@ class Evaluation:
         self.timer = Timer(sc.backend.timing)
         self.profiles = ensure_repository(sc, self.loader, self.timer, self.say)
         self.ctx = ControllerContext.for_scenario(sc, self.profiles)
-        self.scorer = AccuracyScorer(self.loader, sc.engine.max_model_len) if sc.evaluation.accuracy else None
+        self.scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"),
+                                   sc.engine.max_model_len + 64, sc.reference_model()) \
+            if sc.evaluation.accuracy else None
 
     def _score(self, res: ReplayResult):
         if self.scorer is None:
             return None
-        return self.scorer.score_requests([(r.prompt, r.segments) for r in res.requests])
+        totals = ScoreTotals()
+        for s in self.scorer.score([ServedRequest(r.request_id, r.prompt, r.segments, r.task, r.text)
+                                    for r in res.requests]):
+            totals.add(s)
+        return totals
 
     def _replay(self, sc: Scenario, ctrl, requests: list[RequestSpec], label: str) -> tuple[ReplayResult, dict]:
         self.progress(label, 0, len(requests))
@@ -139,7 +145,8 @@ class Evaluation:
                                   f"best-static grid {k + 1}: {point.model}@{point.depth} b={point.max_batch or 'max'}")
             ok = m.get("agreement", 1.0) >= sc.slo.agreement_floor
             self.grid.append({"seed": sc.seed, **asdict(point), "objective": _objective(m, sc.slo.objective),
-                              "meets_floor": ok, "agreement": m.get("agreement"), "match": m.get("match"),
+                              "meets_floor": ok, "agreement": m.get("agreement"),
+                              "teacher_forced_agreement": m.get("teacher_forced_agreement"),
                               **{k: m[k] for k in ("tokens_per_s", "goodput_rps", "batch_max", "batch_cap_max",
                                                    "resident_mean_bytes", "latency_p50", "tpot_p50")}})
             key = (ok, _objective(m, sc.slo.objective))

@@ -9,9 +9,10 @@ Times are virtual seconds (measured compute; see :mod:`.runtime`). Definitions:
 * ``batch_mean`` / ``batch_max``: rows per decode step actually run; ``batch_cap_max``: the largest
   batch cap in force (what the budget admitted for the chosen config).
 * ``resident_*``: weights + KV held, time-weighted mean and peak.
-* ``agreement``: share of output tokens equal to the full model's greedy choice (teacher-forced);
-  ``perplexity``: of the output under the full model; ``match``: share of output tokens equal to
-  the full model's own greedy continuation, free-running (see :mod:`.accuracy`).
+* ``agreement`` (free-running): share of output tokens equal to the serving model's own full-depth
+  greedy continuation; ``teacher_forced_agreement``: equal to its greedy choice on the same prefix;
+  ``reference_ppl``: perplexity of the served text under the scenario's reference model (see
+  :mod:`.scorer`).
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def run_metrics(res: ReplayResult, slo: SLO, accuracy: Accuracy | None = None) -
         exits[model] = {"tokens": int(c.sum()), "mean_exit_layer": float((c * np.arange(c.size)).sum() / c.sum())
                         if c.sum() else float("nan"), "num_layers": int(c.size)}
     out["exits"] = exits
-    if accuracy is not None:
+    if accuracy is not None:  # the accuracy contract (helios_rl.evaluation.scorer)
         n = accuracy.tokens
-        out.update(agreement=accuracy.agree / n if n else float("nan"),
-                   perplexity=math.exp(accuracy.nll / n) if n else float("nan"),
-                   match=accuracy.match / n if n else float("nan"), scored_tokens=n)
+        nan = float("nan")
+        out.update(agreement=accuracy.match / n if n else nan,
+                   teacher_forced_agreement=accuracy.agree / n if n else nan,
+                   reference_ppl=accuracy.reference_ppl if accuracy.reference_ppl is not None else nan,
+                   scored_tokens=n)
     out["wall_s"] = res.wall_s
     out["virtual_s"] = res.virtual_s
     return out
@@ -133,7 +136,8 @@ def summary(per_controller: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["helios_vs_static_memory"] = ratio(h["resident_mean_bytes"], s["resident_mean_bytes"])
     if "agreement" in h and "agreement" in s:
         out["agreement_gap"] = s["agreement"] - h["agreement"]
-        out["helios_match"], out["static_match"] = h["match"], s["match"]
+        out["helios_teacher_forced"] = h["teacher_forced_agreement"]
+        out["static_teacher_forced"] = s["teacher_forced_agreement"]
     b = per_controller.get("best-static")
     if b is not None:
         out["helios_vs_best_static_throughput"] = ratio(h["tokens_per_s"], b["tokens_per_s"])

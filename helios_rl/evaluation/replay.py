@@ -41,6 +41,7 @@ class RequestOutcome:
     segments: list[Segment] = field(default_factory=list)
     preemptions: int = 0
     error: str | None = None
+    text: str | None = None  # the output text the user got (scored by the reference model)
 
     @property
     def ttft(self) -> float | None:
@@ -136,6 +137,7 @@ def replay(scenario: Scenario, controller: Controller, requests: list[RequestSpe
             if ev.finished:
                 out.finish = clock.now
                 out.preemptions = engine.requests[ev.request_id].preemptions
+                out.text = engine.requests[ev.request_id].output_text
                 done += 1
         if on_progress is not None and events:
             on_progress(done, n)

@@ -25,8 +25,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("energy_j", "energy J", "{:.1f}"),
     ("tokens_per_joule", "tok/J", "{:.2f}"),
     ("agreement", "agreement", "{:.3f}"),
-    ("match", "match", "{:.3f}"),
-    ("perplexity", "ppl", "{:.2f}"),
+    ("teacher_forced_agreement", "agr. (teacher-forced)", "{:.3f}"),
+    ("reference_ppl", "ref. ppl", "{:.2f}"),
     ("switches", "switches", "{:.0f}"),
     ("loads", "loads", "{:.0f}"),
 )
@@ -65,9 +65,10 @@ def markdown_report(results: dict[str, Any]) -> str:
              f"- time: virtual clock advanced by each step's measured cost (`{results['timing']}` timing); "
              f"controller interval {results['interval_s']} s",
              f"- energy: {results.get('energy_method')}",
-             "- latencies in seconds; agreement = share of output tokens equal to full-depth greedy "
-             "(teacher-forced), match = the same against the full model's own free-running greedy "
-             "continuation, ppl = perplexity of the output under the full model", "",
+             "- latencies in seconds; agreement = share of served tokens equal to the serving model's own "
+             "full-depth greedy continuation (free-running); agr. (teacher-forced) = equal to its greedy "
+             "choice on the same prefix; ref. ppl = perplexity of the served text under the scenario's "
+             "reference model", "",
              metrics_table(results["controllers"]), ""]
     if results.get("summary"):
         lines += ["## Summary", ""]
@@ -75,13 +76,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines.append("")
     if results.get("best_static_grid"):
         lines += ["## best-static grid (hindsight)", "",
-                  "| seed | model | depth | batch cap | tok/s | batch max | resident MiB | TPOT p50 | agreement | match | floor |",
+                  "| seed | model | depth | batch cap | tok/s | batch max | resident MiB | TPOT p50 | agreement | agr. (t.-f.) | floor |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for g in results["best_static_grid"]:
             lines.append(f"| {g['seed']} | {g['model']} | {g['depth']} | {g.get('batch_cap_max', '-')} | "
                          f"{_fmt(g['tokens_per_s'], '{:.1f}')} | {g.get('batch_max', '-')} | "
                          f"{_fmt(g.get('resident_mean_bytes'), 'mib')} | {_fmt(g.get('tpot_p50'), '{:.3f}')} | "
-                         f"{_fmt(g['agreement'], '{:.3f}')} | {_fmt(g.get('match'), '{:.3f}')} | "
+                         f"{_fmt(g['agreement'], '{:.3f}')} | {_fmt(g.get('teacher_forced_agreement'), '{:.3f}')} | "
                          f"{'ok' if g['meets_floor'] else 'below'} |")
         lines.append("")
     for name, log in results.get("decisions", {}).items():

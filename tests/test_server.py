@@ -336,3 +336,22 @@ def test_serve_cli_needs_a_scenario_or_a_model(capsys):
 
     assert main(["serve"]) == 2
     assert "SCENARIO" in capsys.readouterr().err
+
+
+def test_sampled_scoring_measures_served_agreement_off_the_request_path(text_dirs):
+    """Every finished request sampled (share 1.0): full depth without exits agrees exactly with itself."""
+    rt = make_runtime(text_dirs, score_sample=1.0, score_reference="tiny-a")
+    try:
+        with BackgroundServer(create_app(rt)) as url:
+            c = client(url)
+            for i in range(3):
+                c.completions.create(model="tiny-a", prompt=f"w{5 + i} w6 w7", max_tokens=5,
+                                     extra_body={"ignore_eos": True})
+            rt.loop.scorer.drain()
+            m = metrics(url)
+        assert total(m, "helios_scored_requests_total") == 3
+        assert total(m, "helios_served_agreement", model="tiny-a") == 1.0
+        assert total(m, "helios_scorer_cpu_seconds_total") > 0
+        assert rt.loop.scorer.scorer.tokens == 15
+    finally:
+        rt.loop.stop()

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from helios_rl.engine import Engine, RequestError, SamplingParams, ServingConfig
+from helios_rl.evaluation.accuracy import Segment
+from helios_rl.evaluation.scorer import ServedRequest
 from helios_rl.server.control import ControlPlane, Decision
 from helios_rl.server.metrics import ServerMetrics
 
@@ -69,6 +71,7 @@ class Submission:
 class _Live:
     sub: Submission
     sent: str = ""
+    segments: list = field(default_factory=list)  # tokens by serving model (for sampled scoring)
 
 
 @dataclass
@@ -147,6 +150,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._seen = {"breaches": 0, "switches": 0, "loads": 0}
         self.crashed: BaseException | None = None
+        self.scorer = None  # a SampledScorer (helios_rl.server.quality) when --score-sample is set
         self.state = self._public()
 
     # ------------------------------------------------------------------ any thread
@@ -205,6 +209,8 @@ class EngineLoop:
             self._thread.join(timeout)
         if self.control is not None:
             self.control.stop()
+        if self.scorer is not None:
+            self.scorer.close()
 
     # ------------------------------------------------------------------ engine thread
     def _public(self) -> PublicState:
@@ -329,6 +335,10 @@ class EngineLoop:
             if live is None:
                 continue
             req = self.engine.requests[ev.request_id]
+            if self.scorer is not None and ev.token_id >= 0:
+                if not live.segments or live.segments[-1].model != model:
+                    live.segments.append(Segment(model))
+                live.segments[-1].ids.append(int(ev.token_id))
             if ev.finished:
                 self._finish(live, req)
             elif live.sub.stream:
@@ -350,6 +360,9 @@ class EngineLoop:
         self.metrics.observe_finished(final.finish_reason, final.prompt_tokens, req.ttft(), req.tpot(),
                                       None if req.finish_time is None else req.finish_time - req.arrival_time)
         self._finished_in_interval += 1
+        if self.scorer is not None and live.segments:
+            prompt = req.prompt_text if req.prompt_text is not None else list(req.prompt_ids)
+            self.scorer.offer(ServedRequest(req.request_id, prompt, live.segments, None, text))
         self._live.pop(req.request_id, None)
         self.engine.requests.pop(req.request_id, None)
         self._done()

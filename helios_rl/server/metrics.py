@@ -30,6 +30,12 @@ class ServerMetrics:
         # --- requests (vLLM-style) ---
         self.requests = Counter("helios_requests", "HTTP generation requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
+        # --- quality of served output (sampled, scored off the request path) ---
+        self.served_agreement = Gauge("helios_served_agreement", "Free-running agreement of sampled served "
+                                      "requests with the serving model's full-depth output", ["model"], registry=r)
+        self.scored_requests = Counter("helios_scored_requests", "Sampled requests scored", registry=r)
+        self.scorer_dropped = Counter("helios_scorer_dropped", "Samples skipped (scorer queue full)", registry=r)
+        self.scorer_cpu = Counter("helios_scorer_cpu_seconds", "CPU seconds spent scoring samples", registry=r)
         self.request_success = Counter("helios_request_success", "Finished requests by finish reason",
                                        ["finished_reason"], registry=r)
         self.prompt_tokens = Counter("helios_prompt_tokens", "Prompt tokens of finished requests", registry=r)

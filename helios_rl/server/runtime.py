@@ -43,6 +43,8 @@ class ServerSettings:
     seed: int = 0
     telemetry_records: int = 20_000  # engine step/request records kept (snapshots scan them)
     torch_threads: int | None = None  # set on the engine thread (None: leave torch's setting)
+    score_sample: float = 0.0  # share of finished requests scored off the request path (0: none)
+    score_reference: str | None = None  # the model scoring served text's perplexity (scenario: slo.reference_model)
 
 
 @dataclass
@@ -176,6 +178,13 @@ def build_runtime(ctx: Any, engine_settings: EngineSettings, loader: ModelLoader
     holder["loop"] = loop
     layers = {m: ctx.profile(m).num_layers for m in ctx.candidates}
     notes = [f"shadow log: {shadow_log.path}"] if shadow_log is not None else []
+    if settings.score_sample > 0:
+        from helios_rl.server.quality import SampledScorer
+
+        loop.scorer = SampledScorer(loader, engine.max_len + 64, settings.score_reference, metrics,
+                                    settings.score_sample, settings.seed)
+        notes.append(f"scoring {settings.score_sample:.0%} of finished requests off the request path "
+                     f"(full-depth copies outside the memory budget)")
     return ServerRuntime(loop, plane, metrics, settings, list(ctx.candidates), layers, engine.max_len, notes)
 
 
@@ -213,6 +222,8 @@ def runtime_from_scenario(path: str, controller: str = "helios", shadow: str | N
                                           default_temperature=sc.sampling.temperature, seed=sc.seed)
     if settings.torch_threads is None:
         settings.torch_threads = sc.engine.threads
+    if settings.score_sample > 0 and settings.score_reference is None:
+        settings.score_reference = sc.reference_model()
     return build_runtime(ctx, sc.engine.settings(sc.exits.measure, sc.exits.default_threshold), loader,
                          controller, shadow, settings, params_for=sc.params)
 

@@ -7,8 +7,16 @@
    (single process, actions drawn from the masks, resets included);
 3. ``live_steps_per_s``: env steps per second of one live episode (keep actions);
 4. fidelity: static, helios and random on the live backend, their configs replayed on the sim,
-   mean absolute relative errors of throughput, TTFT p95 and TPOT p95;
-5. ``check_env_ok``: gymnasium's and SB3's ``check_env`` on both backends.
+   mean absolute relative errors of throughput, TTFT p95 and TPOT p95, and the mean absolute error
+   of agreement (``fidelity_agreement_err``: simulator-predicted vs live-measured free-running
+   agreement, per controller);
+5. ``check_env``: gymnasium's and SB3's ``check_env`` per backend and timing mode (the live backend
+   is deterministic only with ``timing: modeled``; under ``cpu`` its measured step costs vary);
+6. ``scorer_overhead``: what scoring the served output cost (CPU seconds per served token, and as a
+   share of serving's CPU time) in the live-speed episode;
+7. ``calibration_tokens_min``: the smallest sample behind any simulator profile point;
+8. ``shallowest_vs_full_reward``: mean live episode reward of always loading the shallowest depth
+   minus that of full depth at the strictest exit setting (a reward-hacking probe: must be < 0).
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ def live_speed(sc, profile: str) -> dict:
 
     env = HeliosServingEnv(sc, backend="live", profile=profile)
     env.reset(seed=0)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     steps, info = 0, {}
     keep = np.zeros(4, dtype=np.int64)
     while True:
@@ -76,29 +84,63 @@ def live_speed(sc, profile: str) -> dict:
         steps += 1
         if term or trunc:
             break
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    scorer = env.backend.scorer.cost(served_cpu_s=max(cpu - env.backend.scorer.cpu_s, 1e-9))
+    served = info.get("episode_summary", {}).get("output_tokens") or 0
     env.close()
-    return {"steps": steps, "wall_s": dt, "steps_per_s": steps / dt, "episode": info.get("episode_summary")}
+    return {"steps": steps, "wall_s": dt, "steps_per_s": steps / dt, "episode": info.get("episode_summary"),
+            "process_cpu_s": cpu, "scorer": scorer,
+            "scorer_cpu_s_per_served_token": scorer["cpu_s"] / served if served else None}
+
+
+def probe_rewards(sc, profile: str, seeds: int = 2) -> dict:
+    """Mean live episode reward of always-shallowest vs full depth (strictest exit setting)."""
+    from helios_rl.engine.config import ServingConfig
+    from helios_rl.env.env import HeliosServingEnv
+
+    env = HeliosServingEnv(sc, backend="live", profile=profile)
+    out: dict = {}
+    for name in ("shallowest", "full"):
+        rewards, goods = [], []
+        for seed in range(seeds):
+            env.reset(seed=seed)
+            total, good = 0.0, 0
+            while True:
+                m = env._cfg["model"]
+                depths = env.depth_values[m] if isinstance(env.depth_values, dict) else env.depth_values
+                cfg = ServingConfig(model=m, depth=min(depths)) if name == "shallowest" else \
+                    ServingConfig(model=m, depth=env.L[m], **env.scenario.exits.knob(max(env.thresholds)))
+                _, r, term, trunc, info = env.step_config(cfg)
+                total += r
+                good += info["goodput_tokens"]
+                if term or trunc:
+                    break
+            rewards.append(total)
+            goods.append(good)
+        out[name] = {"rewards": rewards, "mean_reward": float(np.mean(rewards)), "goodput_tokens": goods}
+    env.close()
+    out["shallowest_vs_full_reward"] = out["shallowest"]["mean_reward"] - out["full"]["mean_reward"]
+    return out
 
 
 def check_envs(sc, profile: str) -> dict:
+    """gymnasium's and SB3's check_env per backend and timing mode, recorded (not raised)."""
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check
 
     from helios_rl.env.env import HeliosServingEnv
 
     out = {}
-    for kind in ("sim", "live"):
-        # check_env steps twice from one seed and wants equal observations: the live backend is only
-        # deterministic with modeled step costs (measured CPU time varies run to run)
-        extra = {"timing": "modeled"} if kind == "live" else {}
+    for kind, timing in (("sim", None), ("live", "modeled"), ("live", "cpu")):
+        extra = {"timing": timing} if timing else {}
         env = HeliosServingEnv(sc, backend=kind, profile=profile, horizon=8, **extra)
+        key = kind if timing is None else f"{kind}/{timing}"
         try:
             check_env(env, skip_render_check=True)
             sb3_check(env, warn=False)
-            out[kind] = "ok"
+            out[key] = "ok"
         except Exception as exc:  # reported, not raised: the benchmark records it
-            out[kind] = f"{type(exc).__name__}: {exc}"
+            out[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
         finally:
             env.close()
     return out
@@ -113,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--controllers", default="static,helios,random")
     ap.add_argument("--sim-seconds", type=float, default=10.0)
     ap.add_argument("--calib-prompts", type=int, default=4)
-    ap.add_argument("--calib-tokens", type=int, default=8)
+    ap.add_argument("--calib-tokens", type=int, default=24)
+    ap.add_argument("--calib-min-tokens", type=int, default=1000, help="served tokens behind every profile point")
     ap.add_argument("--calib-batches", default="1,4,16")
-    ap.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95")
+    ap.add_argument("--thresholds", default="", help="exit settings to calibrate (default: the scenario's choices)")
+    ap.add_argument("--probe-seeds", type=int, default=2)
     ap.add_argument("--skip-live", action="store_true", help="sim speed only")
     args = ap.parse_args(argv)
 
@@ -153,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProfileError as exc:
         _say(f"calibrating ({exc})")
         t0 = time.perf_counter()
-        prof = calibrate(sc, thresholds=tuple(float(x) for x in args.thresholds.split(",")),
+        prof = calibrate(sc, thresholds=tuple(float(x) for x in args.thresholds.split(",")) if args.thresholds else None,
                          batches=tuple(int(x) for x in args.calib_batches.split(",")), prompts=args.calib_prompts,
-                         new_tokens=args.calib_tokens, say=_say)
+                         new_tokens=args.calib_tokens, min_tokens=args.calib_min_tokens, say=_say)
         prof.save(profile)
         result["calibration"] = {"profile": profile, "seconds": time.perf_counter() - t0,
                                  "residual_sigma": {m: v.residual_sigma for m, v in prof.models.items()},
@@ -164,14 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     result["sim"] = sim_speed(args.scenario, sc, profile, args.sim_seconds)
     _say(f"  {result['sim']}")
     summary = {"sim_steps_per_s": result["sim"]["steps_per_s_masked_policy"],
-               "sim_steps_per_s_env_only": result["sim"]["steps_per_s_env_only"]}
+               "sim_steps_per_s_env_only": result["sim"]["steps_per_s_env_only"],
+               "calibration_tokens_min": min((v.get("tokens", 0) for m in prof.models.values()
+                                              for v in m.exits.values()), default=0)}
     if not args.skip_live:
         _say("check_env ...")
         result["check_env"] = check_envs(sc, profile)
-        summary["check_env_ok"] = all(v == "ok" for v in result["check_env"].values())
+        summary["check_env"] = result["check_env"]
         _say("live speed ...")
         result["live"] = live_speed(sc, profile)
         summary["live_steps_per_s"] = result["live"]["steps_per_s"]
+        summary["scorer_overhead"] = {"cpu_s_per_served_token": result["live"]["scorer_cpu_s_per_served_token"],
+                                      "share_of_serving": result["live"]["scorer"].get("share_of_serving")}
+        _say("reward-hacking probe (live) ...")
+        result["probe"] = probe_rewards(sc, profile, args.probe_seeds)
+        summary["shallowest_vs_full_reward"] = result["probe"]["shallowest_vs_full_reward"]
         _say(f"  {result['live']['steps']} steps in {result['live']['wall_s']:.1f} s")
         _say("fidelity ...")
         try:
@@ -179,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             result["fidelity"] = fid
             for k in ("throughput", "ttft_p95", "tpot_p95"):
                 summary[f"fidelity_{k}_err"] = fid["mean_rel_err"][k]
+            summary["fidelity_agreement_err"] = {"mean": fid["mean_agreement_abs_err"], **fid["agreement_abs_err"]}
         except Exception:
             result["fidelity_error"] = traceback.format_exc()
             _say(result["fidelity_error"])

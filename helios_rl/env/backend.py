@@ -101,11 +101,13 @@ def percentiles(values: list[float], qs: tuple[float, ...]) -> list[float]:
 
 
 def episode_summary(ttfts: list[float], tpots: list[float], tokens: int, elapsed_s: float, served: int,
-                    total: int) -> dict:
-    """Episode metrics both backends report the same way (fidelity compares these)."""
+                    total: int, agreement: float | None = None) -> dict:
+    """Episode metrics both backends report the same way (fidelity compares these). ``agreement``:
+    free-running agreement of the served requests, token-weighted (measured live, predicted in sim)."""
     return {"tokens_per_s": tokens / elapsed_s if elapsed_s > 0 else 0.0, "ttft_p95": percentile(ttfts, 95),
             "tpot_p95": percentile(tpots, 95), "ttft_p50": percentile(ttfts, 50), "tpot_p50": percentile(tpots, 50),
-            "output_tokens": tokens, "elapsed_s": elapsed_s, "served": served, "requests": total}
+            "output_tokens": tokens, "elapsed_s": elapsed_s, "served": served, "requests": total,
+            "agreement": agreement}
 
 
 def thr_key(threshold: float | None) -> str:

@@ -3,7 +3,8 @@
 A controller (static, helios, random) drives the live backend, one ``decide`` per control interval;
 the configs it applied, interval by interval, are then replayed on the simulator (no controller:
 the same action sequence). Episode throughput, TTFT p95 and TPOT p95 are compared as relative
-errors ``|sim - live| / live``.
+errors ``|sim - live| / live``; agreement (free-running, measured on live, predicted by the
+simulator) as the absolute difference.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
             sim_sum = replay_configs(sim, seq, interval, seed)
             sim_wall = time.perf_counter() - t0
             errs = {k: rel_err(sim_sum[v], live_sum[v]) for k, v in METRICS.items()}
+            if live_sum.get("agreement") is not None and sim_sum.get("agreement") is not None:
+                errs["agreement_abs"] = abs(sim_sum["agreement"] - live_sum["agreement"])
             out["controllers"][name] = {"live": live_sum, "sim": sim_sum, "rel_err": errs, "intervals": len(seq),
                                         "live_wall_s": live_wall, "sim_wall_s": sim_wall,
                                         "applied": sum(c is not None for c in seq[1:])}
@@ -105,4 +108,7 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
         set_threads(prev)
     n = len(out["controllers"])
     out["mean_rel_err"] = {k: sum(c["rel_err"][k] for c in out["controllers"].values()) / n for k in METRICS}
+    agree = [c["rel_err"]["agreement_abs"] for c in out["controllers"].values() if "agreement_abs" in c["rel_err"]]
+    out["agreement_abs_err"] = {name: c["rel_err"].get("agreement_abs") for name, c in out["controllers"].items()}
+    out["mean_agreement_abs_err"] = sum(agree) / len(agree) if agree else None
     return out

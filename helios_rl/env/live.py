@@ -276,7 +276,10 @@ class LiveBackend:
         return out
 
     def summary(self) -> dict:
-        return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending))
+        tok = sum(s.tokens for s in self.scores)
+        agreement = sum(s.match for s in self.scores) / tok if tok else None
+        return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending),
+                               agreement)
 
     # ------------------------------------------------------------------ memory
     def _drop_engine(self, keep_model: str | None = None) -> None:

@@ -77,6 +77,7 @@ class SimBackend:
         self.tpots: list[float] = []
         self.tokens = 0
         self.served = 0
+        self.agree_sum, self.agree_tokens = 0.0, 0
         self.switches = self.loads = 0
         self.scale = 1.0 + (self.rng.uniform(-self.randomize, self.randomize) if self.randomize > 0 else 0.0)
         self.model = ""
@@ -315,6 +316,8 @@ class SimBackend:
         snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0,
                               task_tokens)
         agreement = agree_sum / agree_tokens if agree_tokens else None
+        self.agree_sum += agree_sum
+        self.agree_tokens += agree_tokens
         extra = {"agreement_source": "predicted" if agreement is not None else "none (no request finished)",
                  "predicted_agreement": self.agreement, "scored": {"tokens": agree_tokens, "agreement": agreement}}
         return Interval(snap, met, missed, agreement, busy, slo_met_tokens=met_tokens, good_tokens=good_tokens,
@@ -364,7 +367,8 @@ class SimBackend:
             budget_bytes=self.budget, switches=self.switches, loads=self.loads)
 
     def summary(self) -> dict:
-        return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, self.n_req)
+        agreement = self.agree_sum / self.agree_tokens if self.agree_tokens else None
+        return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, self.n_req, agreement)
 
     def close(self) -> None:
         self.running, self.heap, self.waiting = {}, [], deque()

@@ -457,3 +457,57 @@ def test_row_positions_with_exits_never_exceed_the_run_without(tiny_dirs, thresh
     assert with_exits[0] == without[0]  # layer 0 always runs every position
     if threshold == 0.0:  # every decode token leaves at layer 0: deeper layers run only forced tokens
         assert with_exits[1] < without[1]
+
+
+@pytest.fixture(scope="module")
+def window_dirs(tmp_path_factory):
+    """Mistral (one window in the config) and Gemma2 (soft-capped attention logits), both windowed at 5."""
+    from tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("windowed")
+    return {fam: save_tiny(fam, root / fam) for fam in ("mistral", "gemma2")}
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_windowed_and_softcapped_families_match_generate_beyond_the_window(window_dirs, family):
+    """Prompts and outputs far longer than the 5-token window: a dropped window or a dropped soft-cap
+    changes the tokens (regression: Mistral's window was ignored, Gemma2 could not load)."""
+    folder = window_dirs[family]
+    eng = make_engine(folder, max_batch=3)
+    assert eng.loop.windows[0] == 5
+    ids = [eng.add_request(p, SamplingParams(max_new_tokens=16, ignore_eos=True)) for p in PROMPTS[:3]]
+    eng.run_until_done()
+    for rid, prompt in zip(ids, PROMPTS[:3]):
+        assert eng.requests[rid].output_ids == hf_greedy(folder, prompt, 16), rid
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_windowed_families_keep_exact_kv_under_ragged_recompute(window_dirs, family):
+    folder = window_dirs[family]
+    eng, ids, exit_layers = _run_with_exits(folder, "recompute", {0: 0.07, 1: 0.06, 2: 0.05, 3: 0.05, 4: 0.04})
+    hf = load_hf(folder)
+    # Gemma2's soft-capped attention takes its softmax in float32 (as transformers' own eager path does),
+    # so float64 runs agree to float32 rounding there
+    tol = 1e-5 if family == "gemma2" else 1e-9
+    for rid in ids:
+        toks = eng.requests[rid].token_ids[:-1]
+        with torch.no_grad():
+            ref = hf(torch.tensor([toks]), use_cache=True).past_key_values
+        for layer in range(6):
+            kref = ref.layers[layer].keys[0]
+            t = kref.shape[1]
+            torch.testing.assert_close(eng.pool.k[layer][eng.requests[rid].slot][:, len(toks) - t:len(toks)], kref,
+                                       rtol=tol, atol=tol)
+
+
+def test_attention_sees_its_history(tiny_dirs):
+    """If the decoder layers stopped receiving the cache (a renamed argument), decode would attend only
+    to the new token: the second token would differ from a full forward pass over the whole prefix."""
+    folder = tiny_dirs["llama"]
+    eng = make_engine(folder, max_batch=1)
+    (req,) = eng.generate([PROMPTS[2]], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    hf = _hf(folder)
+    with torch.no_grad():
+        for i in range(1, 6):
+            prefix = PROMPTS[2] + req.output_ids[:i]
+            assert int(hf(torch.tensor([prefix])).logits[0, -1].argmax()) == req.output_ids[i]

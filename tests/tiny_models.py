@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, OPTConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig,
+                          Qwen2Config)
 
 VOCAB = 160
 
@@ -24,6 +25,13 @@ def tiny_config(family: str, layers: int = 6):
         return Gemma3TextConfig(intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                 sliding_window=6, layer_types=["sliding_attention", "sliding_attention",
                                 "full_attention"] * (layers // 3) + ["sliding_attention"] * (layers % 3), **common)
+    if family == "mistral":  # one sliding window for every layer, kept in the config
+        return MistralConfig(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                             **common)
+    if family == "gemma2":  # attention-logit soft-capping, alternating sliding/full layers
+        common["tie_word_embeddings"] = True
+        return Gemma2Config(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=8.0, **common)
     if family == "opt":
         return OPTConfig(ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, do_layer_norm_before=True,
                          **{k: v for k, v in common.items() if k != "tie_word_embeddings"})
@@ -45,7 +53,11 @@ def save_tiny(family: str, folder: Path, layers: int = 6, seed: int = 0, dtype=t
 
 
 def load_hf(folder: Path, dtype=torch.float64):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    import json
+
+    softcap = json.loads((Path(folder) / "config.json").read_text()).get("attn_logit_softcapping")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                attn_implementation="eager" if softcap else "sdpa").eval()
 
 
 def save_word_tokenizer(folder: Path, shift: int = 0) -> None:

@@ -94,8 +94,15 @@ class FamilyAdapter:
         return layer.input_layernorm
 
     def sliding_window(self, i: int) -> int | None:
+        """Layer ``i``'s attention window (None: full causal). Gemma/Qwen keep it on the attention module
+        per layer (None on full-attention layers); Mistral keeps one window in the config for every layer."""
         attn = self.layers[i].self_attn
-        win = getattr(attn, "sliding_window", None)
+        if hasattr(attn, "sliding_window"):
+            win = attn.sliding_window
+        else:
+            cfg = self.model.config
+            types = getattr(cfg, "layer_types", None)
+            win = getattr(cfg, "sliding_window", None) if not types or types[i] == "sliding_attention" else None
         return int(win) if win else None
 
     def layer_type(self, i: int) -> str:

@@ -115,9 +115,11 @@ class LayeredModel:
             raise ValueError(f"{self.path}: model type {config.model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         self.config = config
-        with torch.device("meta"):
-            self.hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=self.dtype)
-        self.hf.config._attn_implementation = attention.NAME  # SDPA underneath, plus ragged windows
+        with torch.device("meta"):  # built with a stock implementation the family accepts, then switched to
+            # helios_rl's (SDPA underneath; explicit scores where a family soft-caps attention logits)
+            stock = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+            self.hf = AutoModelForCausalLM.from_config(config, attn_implementation=stock, dtype=self.dtype)
+        self.hf.config._attn_implementation = attention.NAME  # plus ragged windows (models.attention)
         self.hf.eval()
         self.hf.requires_grad_(False)
         self.family = FamilyAdapter.for_model(self.hf)

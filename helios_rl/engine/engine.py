@@ -12,7 +12,7 @@ import functools
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -26,10 +26,11 @@ from helios_rl.engine.request import Request, RequestError, SamplingParams, Stat
 from helios_rl.engine.sampling import MIN_TEMPERATURE, select_token
 from helios_rl.engine.telemetry import RequestRecord, StepRecord, Telemetry, TelemetrySnapshot
 from helios_rl.models.heads import CONFIDENCE_MEASURES
-from helios_rl.models.layered import LayeredModel
+from helios_rl.models.layered import LayeredModel, release_freed_memory
 from helios_rl.utils.nvml import NvmlEnergy, open_energy_counter
 
 ModelLoader = Callable[[str, int | None], LayeredModel]
+MAX_STEP_FAILURES = 3  # consecutive failing steps before the engine calls itself unavailable
 
 
 @dataclass
@@ -41,6 +42,19 @@ class TokenEvent:
     exit_layer: int
     finished: bool
     finish_reason: str | None = None
+
+
+class ApplyError(ValueError):
+    """A config change failed while being made and was rolled back; the engine serves its previous config
+    (a ``ValueError``, as a rejected config is: callers treat both as "this config did not take")."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine could not restore a config after a failure: it serves nothing until it recovers."""
+
+
+def _what(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Engine:
@@ -75,6 +89,11 @@ class Engine:
         self._policy = ExitPolicy()
         self.max_batch = 0
         self._energy = open_energy_counter(model.device) if self.settings.energy else None
+        self.unavailable: str | None = None  # why the engine cannot serve (None: it can)
+        self._recover_to: ServingConfig | None = None
+        self._failed: list[Request] = []  # failed outside a step; reported by the next step's events
+        self.step_failures = 0  # consecutive steps that raised
+        self._last_step_error = ""
         self._configure(self.config, self.model)
 
     @property
@@ -86,6 +105,8 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         """Queue a request; raises :class:`RequestError` naming the problem if it cannot be served."""
+        if self.unavailable is not None:
+            raise EngineUnavailable(self.unavailable)
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt, str):
@@ -138,46 +159,80 @@ class Engine:
     def apply(self, config: ServingConfig) -> ServingConfig:
         """Change model / depth / batch cap / thresholds at a step boundary; returns the new config.
 
-        Validation happens before anything changes: on error the engine keeps its current config.
-        Accepted requests always continue: across a depth change and a batch shrink they continue
-        (re-prefilled where needed); across a model switch they continue on the new model from
-        their text so far.
+        Transactional. A config that is invalid (``ValueError``) changes nothing. A change that fails
+        while it is being made (out of memory, a missing or truncated weights file, a layer that fails
+        to load) is rolled back: the engine returns to its previous config with every request intact
+        and :class:`ApplyError` says what failed. Only if the previous config cannot be restored either
+        are the accepted requests failed, each with that error, and the engine marked unavailable
+        (:attr:`unavailable`); :meth:`step` then keeps trying to bring the previous config back.
+
+        Memory stays within the budget throughout: a switch frees the old model and its KV before the
+        new one loads, a batch-cap change resizes the KV pool one layer at a time, and re-prefills are
+        chunked by ``max_prefill_tokens``. Accepted requests always continue: across a depth change
+        and a batch shrink (re-prefilled where needed) and across a model switch (on the new model,
+        from their text so far).
         """
+        if self.unavailable is not None:
+            raise EngineUnavailable(self.unavailable)
         new = config.merged_over(self.config)
+        self._check_fields(new)
+        prev = self.config
         if new.model != self.model.name:
             if self.loader is None:
                 raise ValueError(f"unknown model {new.model!r}: this engine has no loader for other models")
-            depth = config.depth  # None: the new model's full depth
-            model = self.loader(new.model, depth)
-            self.telemetry.loads += 1
-            new.depth = model.depth
-            try:
-                self._check(new, model)
-            except Exception:
-                model.unload()
-                raise
-            self._switch(model)
-            self.telemetry.switches += 1
-        else:
-            self._check(new, self.model)
-        self._configure(new, self.model)
+            validate = getattr(self.loader, "validate", None)
+            if validate is not None:  # a bad name or depth is refused before anything is unloaded
+                validate(new.model, config.depth)
+            return self._apply_switch(new, config.depth, prev)
+        self._check(new, self.model)
+        try:
+            self._configure(new, self.model)
+        except Exception as exc:  # noqa: BLE001 - rolled back, then reported
+            self._restore(prev, self.model, exc)
         return self.config
 
-    def _check(self, cfg: ServingConfig, model: LayeredModel) -> None:
-        if not isinstance(cfg.depth, int) or not 1 <= cfg.depth <= model.num_layers:
-            raise ValueError(f"depth must be between 1 and {model.num_layers} for {model.name}, got {cfg.depth!r}")
+    def _apply_switch(self, new: ServingConfig, depth: int | None, prev: ServingConfig) -> ServingConfig:
+        old = self.model
+        _ = old.tokenizer  # kept: requests are re-tokenized after the old weights are gone
+        saved = self._save_requests()
+        self._drop_pool()
+        old.unload()  # the budget holds one model: the old one goes before the new one loads
+        self.telemetry.memory_note(self.resident_bytes())
+        model = None
+        try:
+            model = self.loader(new.model, depth)  # depth None: the new model's full depth
+            self.telemetry.loads += 1
+            new.depth = model.depth
+            self._check(new, model)
+            self._retokenize(old, model)
+            self._configure(new, model)
+        except Exception as exc:  # noqa: BLE001 - rolled back, then reported
+            if model is not None:
+                model.unload()
+            self._restore_requests(saved)
+            self._reload(prev, old.name, exc)
+        self.telemetry.switches += 1
+        return self.config
+
+    def _check_fields(self, cfg: ServingConfig) -> None:
+        """What can be validated without the model."""
         if cfg.max_batch is not None and (not isinstance(cfg.max_batch, int) or cfg.max_batch < 1):
             raise ValueError(f"max_batch must be an integer >= 1, got {cfg.max_batch!r}")
         if cfg.measure not in CONFIDENCE_MEASURES:
             raise ValueError(f"measure must be one of {CONFIDENCE_MEASURES}, got {cfg.measure!r}")
+        if cfg.target is not None and (isinstance(cfg.target, bool) or not isinstance(cfg.target, (int, float))
+                                       or not 0.0 < cfg.target <= 1.0):
+            raise ValueError(f"target must be a precision in (0, 1], got {cfg.target!r}")
+
+    def _check(self, cfg: ServingConfig, model: LayeredModel) -> None:
+        self._check_fields(cfg)
+        if not isinstance(cfg.depth, int) or not 1 <= cfg.depth <= model.num_layers:
+            raise ValueError(f"depth must be between 1 and {model.num_layers} for {model.name}, got {cfg.depth!r}")
         for layer in cfg.exit_layers or ():
             if not 0 <= layer < model.num_layers:
                 raise ValueError(f"exit layer {layer} is outside {model.name}'s 0..{model.num_layers - 1}")
-        if cfg.target is not None:
-            if isinstance(cfg.target, bool) or not isinstance(cfg.target, (int, float)) or not 0.0 < cfg.target <= 1.0:
-                raise ValueError(f"target must be a precision in (0, 1], got {cfg.target!r}")
-            if model.heads.targets:
-                model.heads.target(cfg.target)  # ValueError naming the calibrated targets
+        if cfg.target is not None and model.heads.targets:
+            model.heads.target(cfg.target)  # ValueError naming the calibrated targets
         thr = cfg.threshold
         vals = thr.values() if isinstance(thr, dict) else ([] if thr in (None, "calibrated") else [thr])
         for v in vals:
@@ -199,21 +254,26 @@ class Engine:
         return max(0, min(cap, free // slot_bytes(self.settings, model, depth)))
 
     def _configure(self, cfg: ServingConfig, model: LayeredModel) -> None:
+        """Bring ``model``, the KV pool and the exit policy to ``cfg``, freeing before allocating: a
+        shallower depth and a smaller pool shrink first, then what grows grows (the peak stays at the
+        larger of the two configs plus one layer's tensor)."""
         old_depth = model.depth
-        if cfg.depth != old_depth:
-            model.set_depth(cfg.depth)
-            if cfg.depth > old_depth:
-                self.telemetry.loads += 1
         admissible = self.admissible_batch(cfg.depth, model)
         if admissible < 1:
             raise ValueError(f"memory budget cannot hold {model.name} at depth {cfg.depth}")
         max_batch = min(admissible, cfg.max_batch or admissible)
         self.max_len = min(self.settings.max_model_len, model.max_positions)
+        if cfg.depth < old_depth:
+            model.set_depth(cfg.depth)
         self._resize_pool(max_batch, cfg.depth, model)
         if cfg.depth > old_depth:
+            model.set_depth(cfg.depth)  # all or nothing: a layer that fails to load frees the ones it loaded
+            self.telemetry.loads += 1
+            self.pool.set_depth(cfg.depth)
             for req in self.running:  # new layers have no K/V for their positions yet: rebuild them
                 self.pool.kv_len[req.slot] = 0
                 req.needs_prefill = True
+        self.telemetry.memory_note(self.resident_bytes(model))
         self.model = model
         self.max_batch = max_batch  # effective cap; cfg.max_batch stays the requested one
         self.config = cfg
@@ -245,37 +305,99 @@ class Engine:
                           track_confidence=bool(layers), decider=decider)
 
     def _resize_pool(self, slots: int, depth: int, model: LayeredModel) -> None:
+        """``slots`` slots at (at most) ``depth`` layers; the pool's own depth grows in ``_configure``."""
         same_model = self.pool is not None and self.loop is not None and self.loop.model is model
-        if same_model and self.pool.num_slots == slots:
-            self.pool.set_depth(depth)
+        while len(self.running) > slots:  # preempt the newest beyond the cap (they resume by re-prefill)
+            self._preempt(self.running.pop())
+        if same_model:
+            if depth < self.pool.depth:
+                self.pool.set_depth(depth)
+            if self.pool.num_slots != slots:  # in place, one layer at a time (never two pools)
+                keep = {req.slot: i for i, req in enumerate(self.running)}
+                self.pool.resize(slots, keep)
+                for i, req in enumerate(self.running):
+                    req.slot = i
+                self.telemetry.memory_note(model.resident_bytes() + self.pool.peak_bytes)
             return
-        old = self.pool if same_model else None
-        # preempt the newest running requests beyond the new cap (they resume by re-prefill)
-        while len(self.running) > slots:
-            req = self.running.pop()
-            self._preempt(req)
-        pool = KVPool(slots, depth, self.max_len if old is None else old.max_len, model.num_kv_heads,
-                      model.head_dim, model.hidden_size, self.settings.pending_window, model.dtype, model.device,
+        self._drop_pool()  # the old pool goes before the new one is allocated
+        pool = KVPool(slots, min(depth, model.depth), self.max_len, model.num_kv_heads, model.head_dim,
+                      model.hidden_size, self.settings.pending_window, model.dtype, model.device,
                       with_hbuf=self.settings.kv_strategy == "recompute")
-        if old is not None:
-            old.set_depth(depth)
-            for req in self.running:
-                new_slot = pool.alloc()
-                keep = min(depth, old.depth)
-                for layer in range(keep):
-                    pool.k[layer][new_slot] = old.k[layer][req.slot]
-                    pool.v[layer][new_slot] = old.v[layer][req.slot]
-                pool.kv_len[new_slot, :keep] = old.kv_len[req.slot, :keep]
-                if pool.hbuf is not None:
-                    pool.hbuf[new_slot] = old.hbuf[req.slot]
-                req.slot = new_slot
-        else:
-            for req in self.running:
-                req.slot = pool.alloc()
-                req.needs_prefill = True
-        self.pool = None  # drop the old pool before keeping the new one
+        for req in self.running:
+            req.slot = pool.alloc()
+            req.needs_prefill = True
         self.pool = pool
         self.loop = LayerLoop(model, pool)
+
+    def _drop_pool(self) -> None:
+        self.pool = None
+        self.loop = None
+        for req in self.running:
+            req.slot = None
+            req.needs_prefill = True
+        release_freed_memory(self.model.device)
+
+    # ----- rollback ----------------------------------------------------------------------------
+    def _save_requests(self) -> list[tuple]:
+        return [(r, list(r.token_ids), list(r.output_ids), r.text_before_switch, r.prompt_text)
+                for r in list(self.running) + list(self.waiting)]
+
+    def _restore_requests(self, saved: list[tuple]) -> None:
+        for req, token_ids, output_ids, before, prompt in saved:
+            req.token_ids, req.output_ids, req.text_before_switch, req.prompt_text = token_ids, output_ids, before, prompt
+            req.needs_prefill = True
+
+    def _restore(self, prev: ServingConfig, model: LayeredModel, exc: BaseException) -> None:
+        """Back to ``prev`` on the same model after a failed change; raises ApplyError (or, when even
+        that fails, fails the accepted requests and raises EngineUnavailable)."""
+        try:
+            self._configure(prev, model)
+        except Exception as exc2:  # noqa: BLE001
+            self._give_up(prev, f"{_what(exc)}; restoring {prev.model} at depth {prev.depth} failed too: {_what(exc2)}")
+        raise ApplyError(f"could not apply the config ({_what(exc)}); still serving {prev.model} at depth "
+                         f"{prev.depth}") from exc
+
+    def _reload(self, prev: ServingConfig, name: str, exc: BaseException) -> None:
+        """Reload the previous model after a failed switch (its weights were freed for the new one)."""
+        try:
+            model = self.loader(name, prev.depth)
+            self.telemetry.loads += 1
+            self.model = model
+            self._configure(prev, model)
+        except Exception as exc2:  # noqa: BLE001
+            self._give_up(prev, f"switch failed ({_what(exc)}); reloading {name} at depth {prev.depth} failed "
+                                f"too: {_what(exc2)}")
+        raise ApplyError(f"could not switch models ({_what(exc)}); back on {name} at depth {prev.depth}") from exc
+
+    def _give_up(self, prev: ServingConfig, reason: str) -> None:
+        """The previous config cannot be restored: fail every accepted request with ``reason`` (they are
+        reported as ``error`` events by the next step) and stay unavailable until ``prev`` loads again."""
+        self.unavailable = reason
+        self._recover_to = prev
+        now = self.clock()
+        for req in list(self.running) + list(self.waiting):
+            req.error = f"engine unavailable: {reason}"
+            self.waiting = deque(r for r in self.waiting if r is not req)
+            self._finish(req, "error", now)
+            self._failed.append(req)
+        self.pool, self.loop = None, None
+        raise EngineUnavailable(reason)
+
+    def _try_recover(self) -> None:
+        """Load the config the engine last served, from disk (what was resident is suspect)."""
+        prev = self._recover_to
+        if self.loader is None:
+            return
+        try:
+            self.model.unload()
+            model = self.loader(prev.model, prev.depth)
+            self.telemetry.loads += 1
+            self.model = model
+            self._configure(prev, model)
+        except Exception as exc:  # noqa: BLE001 - still unavailable; the reason says why
+            self.unavailable = f"{self.unavailable} (recovery: {_what(exc)})"[:2000]
+            return
+        self.unavailable = None
 
     def _preempt(self, req: Request) -> None:
         if self.pool is not None and req.slot is not None and req.slot < self.pool.num_slots:
@@ -286,70 +408,119 @@ class Engine:
         req.preemptions += 1
         self.waiting.appendleft(req)
 
-    def _switch(self, model: LayeredModel) -> None:
+    def _retokenize(self, old: LayeredModel, model: LayeredModel) -> None:
         """Move every accepted request onto ``model``, continuing from its text so far."""
-        old = self.model
-        same_vocab = _same_tokenizer(old, model)
+        if _same_tokenizer(old, model):
+            return
+        max_len = min(self.settings.max_model_len, model.max_positions)
         for req in list(self.running) + list(self.waiting):
-            if same_vocab:
-                continue
             produced = old.tokenizer.decode(req.output_ids, skip_special_tokens=True) if req.output_ids else ""
             prompt = req.prompt_text if req.prompt_text is not None else old.tokenizer.decode(req.prompt_ids)
             req.text_before_switch += produced
             req.token_ids = model.tokenizer(prompt + req.text_before_switch, add_special_tokens=True)["input_ids"]
             req.prompt_text = prompt
             req.output_ids = []
-            if len(req.token_ids) >= self.max_len:
-                req.token_ids = req.token_ids[-(self.max_len - 1):]
-        for req in self.running:
-            req.needs_prefill = True
-        old.unload()
-        self.loop = None
-        self.pool = None
-        self.model = model
+            if len(req.token_ids) >= max_len:
+                req.token_ids = req.token_ids[-(max_len - 1):]
 
     # ================================================================== step
     def step(self) -> list[TokenEvent]:
-        """One engine iteration. Returns the tokens produced."""
+        """One engine iteration. Returns the tokens produced (and ``error`` events for requests that failed).
+
+        Prefill is chunked: at most ``max_prefill_tokens`` prompt (or re-prefill) positions run per
+        step, so a long prompt, a depth grow or a switch never prefills everything at once. A row whose
+        prefill completes this step emits its first token; the others continue next step. A failure
+        inside the layer loop fails exactly the rows of that call (their requests end with the error)
+        and the engine keeps serving the rest; after ``MAX_STEP_FAILURES`` consecutive failing steps it
+        reports itself unavailable.
+        """
+        events: list[TokenEvent] = [TokenEvent(r.request_id, -1, -1, True, "error") for r in self._failed]
+        self._failed.clear()
+        if self.unavailable is not None:
+            self._try_recover()
+            if self.unavailable is not None:
+                return events
         t_start = self.clock()
         mj0 = self._energy.millijoules() if self._energy is not None else None
         t0 = time.perf_counter()
-        admitted = self._schedule()
+        self._schedule()
         prefill_rows = [r for r in self.running if r.needs_prefill]
         decode_rows = [r for r in self.running if not r.needs_prefill]
-        events: list[TokenEvent] = []
         counts = np.zeros(self.model.num_layers, dtype=np.int64)
         stats = {"greedy": 0, "breach": 0, "conf_sum": 0.0, "conf_n": 0}
-        prefill_tokens = sum(r.seq_len for r in prefill_rows)
+        prefill_tokens = 0
+        failed = False
         with torch.inference_mode():
             if prefill_rows:
-                for r in prefill_rows:
-                    self.pool.kv_len[r.slot] = 0
-                # prefill runs every loaded layer (no exit); its first token is judged like any other
-                exits = self.loop.run_rows([r.slot for r in prefill_rows], [r.token_ids for r in prefill_rows],
-                                           self._policy, allow_exit=np.zeros(len(prefill_rows), dtype=bool))
-                for r in prefill_rows:
-                    r.needs_prefill = False
-                events += self._update(prefill_rows, exits, counts, stats)
+                rows, seqs, done = [], [], []
+                budget = self.settings.max_prefill_tokens
+                for r in prefill_rows:  # chunks in admission order, until the step's prefill budget is spent
+                    start = int(self.pool.kv_len[r.slot, 0])
+                    take = min(r.seq_len - start, budget)
+                    if take <= 0:
+                        continue
+                    budget -= take
+                    rows.append(r)
+                    seqs.append(r.token_ids[: start + take])
+                    done.append(start + take == r.seq_len)
+                    prefill_tokens += take
+                if rows:
+                    try:  # prefill runs every loaded layer (no exit); its first token is judged like any other
+                        exits = self.loop.run_rows([r.slot for r in rows], seqs, self._policy,
+                                                   allow_exit=np.zeros(len(rows), dtype=bool))
+                    except Exception as exc:  # noqa: BLE001 - fails these rows, not the engine
+                        events += self._fail_rows(rows, exc)
+                        failed = True
+                    else:
+                        finished = [r for r, d in zip(rows, done) if d]
+                        for r in finished:
+                            r.needs_prefill = False
+                        keep = {i: j for j, i in enumerate(i for i, d in enumerate(done) if d)}
+                        exits = [replace(ex, index=keep[ex.index]) for ex in exits if ex.index in keep]
+                        events += self._update(finished, exits, counts, stats)
             if decode_rows:
                 depth = self.model.depth
                 allow = np.asarray([r.seq_len - self.pool.kv_len[r.slot, depth - 1] <= self.pool.pending_window
                                     for r in decode_rows]) if self._policy.kv_strategy == "recompute" else None
-                exits = self.loop.run_rows([r.slot for r in decode_rows], [r.token_ids for r in decode_rows],
-                                           self._policy, allow)
-                events += self._update(decode_rows, exits, counts, stats)
+                try:
+                    exits = self.loop.run_rows([r.slot for r in decode_rows], [r.token_ids for r in decode_rows],
+                                               self._policy, allow)
+                except Exception as exc:  # noqa: BLE001 - fails these rows, not the engine
+                    events += self._fail_rows(decode_rows, exc)
+                    failed = True
+                else:
+                    events += self._update(decode_rows, exits, counts, stats)
+        self.step_failures = self.step_failures + 1 if failed else 0
+        if self.step_failures >= MAX_STEP_FAILURES:  # not a bad request: the engine itself is broken
+            reason = f"{self.step_failures} consecutive steps failed; last: {self._last_step_error}"
+            try:
+                self._give_up(self.config, reason)
+            except EngineUnavailable:
+                pass
+            events += [TokenEvent(r.request_id, -1, -1, True, "error") for r in self._failed]
+            self._failed.clear()
         duration = time.perf_counter() - t0  # the step ended on the host reading its tokens: GPU work is done
         energy = NvmlEnergy.joules_between(mj0, self._energy.millijoules()) if self._energy is not None else None
         self.step_count += 1
         finished = sum(1 for e in events if e.finished)
         self.telemetry.record_step(StepRecord(
             step=self.step_count, t_start=t_start, duration=duration, model=self.model.name, depth=self.model.depth,
-            prefill_tokens=prefill_tokens, decode_tokens=len(events), exit_counts=counts,
+            prefill_tokens=prefill_tokens, decode_tokens=sum(1 for e in events if e.token_id >= 0), exit_counts=counts,
             greedy_exits=stats["greedy"], breaches=stats["breach"], conf_sum=stats["conf_sum"],
             conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished,
             exit_mode=self.exit_mode, energy_j=energy, row_positions=self._row_positions()))
-        del admitted
         return events
+
+    def _fail_rows(self, rows: list[Request], exc: BaseException) -> list[TokenEvent]:
+        """End ``rows`` with ``exc`` (their K/V is suspect); the engine serves on."""
+        self._last_step_error = _what(exc)
+        now = self.clock()
+        out = []
+        for r in rows:
+            r.error = f"engine step failed: {_what(exc)}"
+            self._finish(r, "error", now)
+            out.append(TokenEvent(r.request_id, -1, -1, True, "error"))
+        return out
 
     def _row_positions(self) -> np.ndarray:
         """Positions each layer ran this step, sized to the model's layer count."""
@@ -358,8 +529,11 @@ class Engine:
         return self.loop.take_row_positions()
 
     def _schedule(self) -> list[Request]:
+        """Admit waiting requests into free slots while this step's prefill budget lasts (a long prompt
+        is admitted alone and prefilled in chunks over several steps)."""
         admitted = []
-        budget = self.settings.max_prefill_tokens
+        budget = self.settings.max_prefill_tokens - sum(r.seq_len - int(self.pool.kv_len[r.slot, 0])
+                                                        for r in self.running if r.needs_prefill)
         while self.waiting and len(self.running) < self.max_batch and self.pool.free_slots:
             req = self.waiting[0]
             if admitted and req.seq_len > budget:
@@ -466,8 +640,10 @@ class Engine:
         self.run_until_done()
         return [self.requests[i] for i in ids]
 
-    def resident_bytes(self) -> int:
-        return self.model.resident_bytes() + (self.pool.nbytes() if self.pool is not None else 0)
+    def resident_bytes(self, model: LayeredModel | None = None) -> int:
+        """Weights, exit heads and the KV pool (with its pending rings) held now."""
+        model = model or self.model
+        return model.resident_bytes() + (self.pool.nbytes() if self.pool is not None else 0)
 
     def snapshot(self, since: float | None = None) -> TelemetrySnapshot:
         return self.telemetry.snapshot(

@@ -34,6 +34,7 @@ class KVPool:
                      if with_hbuf else None)
         self._free = list(range(num_slots))
         heapq.heapify(self._free)
+        self.peak_bytes = 0  # the largest footprint of the last resize (pool + the one tensor being built)
         self.set_depth(depth)
 
     # ----- sizing ------------------------------------------------------------------------------
@@ -71,6 +72,45 @@ class KVPool:
         self.kv_len = np.zeros((self.num_slots, depth), dtype=np.int64)
         keep = min(depth, old.shape[1])
         self.kv_len[:, :keep] = old[:, :keep]
+
+    def resize(self, num_slots: int, keep: dict[int, int]) -> dict[int, int]:
+        """Change the number of slots in place, one layer at a time, keeping the slots in ``keep``
+        (old slot -> new slot, new slots dense from 0). The peak is the pool plus one layer's new K or V
+        tensor, never two pools (a batch-cap change must not double the KV memory). Returns ``keep``."""
+        if any(not 0 <= new < num_slots for new in keep.values()) or len(set(keep.values())) != len(keep):
+            raise ValueError(f"slot mapping {keep} does not fit {num_slots} slots")
+        src = torch.as_tensor(list(keep), dtype=torch.long, device=self.device)
+        dst = torch.as_tensor(list(keep.values()), dtype=torch.long, device=self.device)
+        old_slots = self.num_slots
+        done: list[tuple[list, int]] = []
+        self.peak_bytes = self.nbytes()
+        try:
+            for store in (self.k, self.v):
+                for i in range(len(store)):
+                    store[i] = self._moved(store[i], num_slots, src, dst)
+                    done.append((store, i))
+            if self.hbuf is not None:
+                self.hbuf = self._moved(self.hbuf, num_slots, src, dst)
+        except BaseException:  # out of memory half-way: put the converted layers back (the kept rows)
+            for store, i in done:
+                store[i] = self._moved(store[i], old_slots, dst, src)
+            raise
+        kv_len = np.zeros((num_slots, self.depth), dtype=np.int64)
+        for old_slot, new_slot in keep.items():
+            kv_len[new_slot] = self.kv_len[old_slot]
+        self.kv_len = kv_len
+        self.num_slots = num_slots
+        self._free = [s for s in range(num_slots) if s not in set(keep.values())]
+        heapq.heapify(self._free)
+        return keep
+
+    def _moved(self, old: torch.Tensor, num_slots: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """``old`` with ``num_slots`` rows, rows ``src`` copied to ``dst`` (the old tensor is then dropped)."""
+        new = torch.zeros((num_slots,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes() + new.numel() * new.element_size())
+        if src.numel():
+            new.index_copy_(0, dst, old.index_select(0, src))
+        return new
 
     # ----- slots -------------------------------------------------------------------------------
     @property

@@ -102,6 +102,7 @@ class TelemetrySnapshot:
     weight_bytes: int = 0
     kv_bytes: int = 0
     budget_bytes: int | None = None
+    memory_peak_bytes: int = 0  # the largest footprint at any config change so far (transients included)
     switches: int = 0
     loads: int = 0
     energy_j: float | None = None  # NVML-measured GPU joules over the window's steps (None: not measured)
@@ -122,6 +123,10 @@ class Telemetry:
         self.loads = 0
         self.total_output_tokens = 0
         self.total_breaches = 0
+        self.memory_peak = 0  # the largest engine footprint noted at a config change (weights, heads, KV)
+
+    def memory_note(self, nbytes: int) -> None:
+        self.memory_peak = max(self.memory_peak, int(nbytes))
 
     def record_step(self, rec: StepRecord) -> None:
         self.steps.append(rec)
@@ -181,4 +186,5 @@ class Telemetry:
         snap.ttft_p50, snap.ttft_p95, snap.ttft_p99 = (_pct(ttfts, q) for q in (50, 95, 99))
         snap.tpot_p50, snap.tpot_p95, snap.tpot_p99 = (_pct(tpots, q) for q in (50, 95, 99))
         snap.switches, snap.loads = self.switches, self.loads
+        snap.memory_peak_bytes = self.memory_peak
         return snap

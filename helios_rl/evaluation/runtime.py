@@ -37,6 +37,18 @@ class ModelLoader:
     def heads_for(self, name: str) -> str:
         return self.heads.get(name, "auto") if isinstance(self.heads, dict) else self.heads
 
+    def validate(self, name: str, depth: int | None = None) -> None:
+        """ValueError when ``name`` cannot be loaded or ``depth`` is beyond it (reads only its config)."""
+        import json
+
+        from helios_rl.models.registry import resolve_model
+
+        folder = resolve_model(name, progress=False)  # UnknownModel (a ValueError) naming what is known
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        layers = int(cfg.get("text_config", cfg)["num_hidden_layers"])
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= layers):
+            raise ValueError(f"depth must be between 1 and {layers} for {name}, got {depth!r}")
+
     def __call__(self, name: str, depth: int | None = None) -> LayeredModel:
         from helios_rl.models.registry import load_model
 

@@ -284,6 +284,7 @@ class LayeredModel:
                 freed = True
         if freed:
             release_freed_memory(self.device)
+        loaded: list[int] = []
         try:
             for i in range(depth):
                 if i not in self._resident:
@@ -291,6 +292,13 @@ class LayeredModel:
                     if self.fuse:
                         fuse_layer(self.family.layers[i])
                     self._resident.add(i)
+                    loaded.append(i)
+        except BaseException:  # all or nothing: free what this call loaded, then report
+            for i in loaded:
+                self.family.layers[i] = copy.deepcopy(self._meta_layers[i])
+                self._resident.discard(i)
+            release_freed_memory(self.device)
+            raise
         finally:
             self.ckpt.close()
 

@@ -242,6 +242,7 @@ def tune_exits(model, settings: TuneSettings | None = None, data: TokenData | No
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     t0 = time.perf_counter()
+    revision = git_revision()  # the code that runs, read when the run starts
     explicit = s.layers is not None
     candidates = tuple(sorted(set(s.layers))) if explicit else default_candidates(model.num_layers)
     if not candidates or any(not 0 <= l <= model.num_layers - 2 for l in candidates):
@@ -320,7 +321,7 @@ def tune_exits(model, settings: TuneSettings | None = None, data: TokenData | No
     manifest_extra = {
         "data": {**data.info, "tokens_total": int(data.train.numel() + data.heldout.numel())},
         "seed": s.seed,
-        "provenance": {"command": command_line(), "git_revision": git_revision(), "versions": package_versions(),
+        "provenance": {"command": command_line(), "git_revision": revision, "versions": package_versions(),
                        "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype)},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
         "candidates": list(candidates),

@@ -131,6 +131,11 @@ class Controller(ABC):
     def decide(self, telemetry: TelemetrySnapshot) -> ServingConfig | None:
         """The config to apply now, or None to keep the current one."""
 
+    def rejected(self, config: ServingConfig, reason: str) -> None:
+        """The engine did not take ``config`` (invalid, or it failed while being applied and was rolled
+        back); ``reason`` says why. Recorded in :attr:`log`; controllers may override to adapt."""
+        self.note("rejected", config=config.to_dict(), reason=reason)
+
     def note(self, event: str, **info: Any) -> None:
         """Record a decision and why (kept in :attr:`log`)."""
         self.log.append({"t": round(self.time, 6), "event": event, "phase": self.phase, **info})

@@ -23,7 +23,7 @@ from helios_rl.engine.exits import CONFIDENCE
 from helios_rl.engine.forward import ExitPolicy, LayerLoop
 from helios_rl.engine.kv_cache import KVPool
 from helios_rl.engine.request import Request, RequestError, SamplingParams, Status
-from helios_rl.engine.sampling import MIN_TEMPERATURE, select_token
+from helios_rl.engine.sampling import select_tokens
 from helios_rl.engine.telemetry import RequestRecord, StepRecord, Telemetry, TelemetrySnapshot
 from helios_rl.models.heads import CONFIDENCE_MEASURES
 from helios_rl.models.layered import LayeredModel, release_freed_memory
@@ -91,6 +91,7 @@ class Engine:
         self._energy = open_energy_counter(model.device) if self.settings.energy else None
         self.unavailable: str | None = None  # why the engine cannot serve (None: it can)
         self._recover_to: ServingConfig | None = None
+        self._next_recovery, self._recovery_wait = 0.0, 0.0
         self._failed: list[Request] = []  # failed outside a step; reported by the next step's events
         self.step_failures = 0  # consecutive steps that raised
         self._last_step_error = ""
@@ -130,8 +131,8 @@ class Engine:
             raise RequestError(f"request id {rid!r} is already in use")
         req = Request(rid, ids, params, prompt_text=text,
                       arrival_time=self.clock() if arrival_time is None else arrival_time)
-        if not params.greedy and params.seed is not None:
-            req.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        if not params.greedy and params.seed is not None:  # on the model's device: sampling runs there
+            req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         self.requests[rid] = req
         self.waiting.append(req)
         self.telemetry.record_arrival(req.arrival_time)
@@ -146,6 +147,11 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def pending_errors(self) -> bool:
+        """Requests failed outside a step (a config change that could not be undone) not yet reported."""
+        return bool(self._failed)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -339,12 +345,13 @@ class Engine:
 
     # ----- rollback ----------------------------------------------------------------------------
     def _save_requests(self) -> list[tuple]:
-        return [(r, list(r.token_ids), list(r.output_ids), r.text_before_switch, r.prompt_text)
-                for r in list(self.running) + list(self.waiting)]
+        return [(r, list(r.token_ids), list(r.output_ids), r.text_before_switch, r.prompt_text,
+                 (r.prefix_offset, r.read_offset)) for r in list(self.running) + list(self.waiting)]
 
     def _restore_requests(self, saved: list[tuple]) -> None:
-        for req, token_ids, output_ids, before, prompt in saved:
+        for req, token_ids, output_ids, before, prompt, offsets in saved:
             req.token_ids, req.output_ids, req.text_before_switch, req.prompt_text = token_ids, output_ids, before, prompt
+            req.prefix_offset, req.read_offset = offsets
             req.needs_prefill = True
 
     def _restore(self, prev: ServingConfig, model: LayeredModel, exc: BaseException) -> None:
@@ -386,8 +393,10 @@ class Engine:
     def _try_recover(self) -> None:
         """Load the config the engine last served, from disk (what was resident is suspect)."""
         prev = self._recover_to
-        if self.loader is None:
+        if self.loader is None or time.monotonic() < self._next_recovery:
             return
+        self._recovery_wait = min(30.0, max(0.5, 2 * self._recovery_wait))  # back off: a reload is costly
+        self._next_recovery = time.monotonic() + self._recovery_wait
         try:
             self.model.unload()
             model = self.loader(prev.model, prev.depth)
@@ -398,6 +407,7 @@ class Engine:
             self.unavailable = f"{self.unavailable} (recovery: {_what(exc)})"[:2000]
             return
         self.unavailable = None
+        self._recovery_wait = 0.0
 
     def _preempt(self, req: Request) -> None:
         if self.pool is not None and req.slot is not None and req.slot < self.pool.num_slots:
@@ -420,6 +430,7 @@ class Engine:
             req.token_ids = model.tokenizer(prompt + req.text_before_switch, add_special_tokens=True)["input_ids"]
             req.prompt_text = prompt
             req.output_ids = []
+            req.prefix_offset = req.read_offset = 0  # req.text (before + produced) stays as it was
             if len(req.token_ids) >= max_len:
                 req.token_ids = req.token_ids[-(max_len - 1):]
 
@@ -550,18 +561,15 @@ class Engine:
     def _update(self, rows: list[Request], exits, counts: np.ndarray, stats: dict) -> list[TokenEvent]:
         events = []
         now = self.clock()
-        greedy_tokens = _greedy_tokens(rows, exits)
-        for ex in exits:
+        tokens, bad = self._select(rows, exits)
+        for k, ex in enumerate(exits):
             req = rows[ex.index]
-            try:
-                tok = greedy_tokens.get(ex.index)
-                if tok is None:
-                    tok = select_token(ex.logits, req.params, req.generator)
-            except RuntimeError as exc:  # one bad row must not fail the batch
-                req.error = f"token selection failed: {exc}"
+            if k in bad:  # one bad row must not fail the batch
+                req.error = f"token selection failed: {bad[k]}"
                 self._finish(req, "error", now)
                 events.append(TokenEvent(req.request_id, -1, ex.layer, True, "error"))
                 continue
+            tok = tokens[k]
             counts[ex.layer] += 1
             if ex.conf is not None:
                 stats["conf_sum"] += ex.conf
@@ -579,18 +587,53 @@ class Engine:
                 req.confidences.append(ex.conf)
             if req.first_token_time is None:
                 req.first_token_time = now
-            reason = self._stop_reason(req, tok)
+            new_text = self._detokenize(req)
+            reason = self._stop_reason(req, tok, new_text)
             if reason is not None:
                 self._finish(req, reason, now)
             events.append(TokenEvent(req.request_id, tok, ex.layer, reason is not None, reason))
         return events
 
-    def _stop_reason(self, req: Request, tok: int) -> str | None:
+    def _select(self, rows: list[Request], exits) -> tuple[list[int], dict[int, str]]:
+        """Every exit's token, chosen together on the device (one host copy); rows whose logits are not
+        finite are reported in the second value instead."""
+        if not exits:
+            return [], {}
+        logits = torch.stack([ex.logits for ex in exits])
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        bad = {k: "logits are not finite" for k, ok in enumerate(finite) if not ok}
+        params = [rows[ex.index].params for ex in exits]
+        gens = [rows[ex.index].generator for ex in exits]
+        try:
+            ids = select_tokens(logits, params, gens).tolist()
+        except RuntimeError as exc:  # a generator on another device, ...: report each row, keep serving
+            return [-1] * len(exits), {k: str(exc) for k in range(len(exits))}
+        return [int(t) for t in ids], bad
+
+    def _detokenize(self, req: Request) -> str:
+        """Append the newest token's text to ``req.text`` and return it. Only a short window of ids is
+        decoded (the newest token with the few before it), not the whole output: a byte-level token
+        that ends inside a character waits for the next one."""
+        tok = self.model.tokenizer
+        if tok is None:
+            return ""
+        ids = req.output_ids
+        prefix = tok.decode(ids[req.prefix_offset:req.read_offset], skip_special_tokens=True)
+        full = tok.decode(ids[req.prefix_offset:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        new = full[len(prefix):]
+        req.prefix_offset, req.read_offset = req.read_offset, len(ids)
+        req.text += new
+        return new
+
+    def _stop_reason(self, req: Request, tok: int, new_text: str = "") -> str | None:
         if not req.params.ignore_eos and tok in self.model.eos_token_ids:
             return "stop"
-        if req.params.stop:
-            text = self._raw_text(req)
-            if any(s in text for s in req.params.stop):
+        if req.params.stop and new_text:  # only where a stop string can end: in the newest text
+            longest = max(len(s) for s in req.params.stop)
+            tail = req.text[-(len(new_text) + longest - 1):]
+            if any(s in tail for s in req.params.stop):
                 return "stop"
         if req.num_generated >= req.params.max_new_tokens or req.seq_len >= self.max_len:
             return "length"
@@ -620,8 +663,8 @@ class Engine:
         return text
 
     def _raw_text(self, req: Request) -> str:
-        tok = self.model.tokenizer
-        return req.text_before_switch + (tok.decode(req.output_ids, skip_special_tokens=True) if tok else "")
+        """The output text so far, incrementally detokenized (``req.text``)."""
+        return req.text
 
     # ================================================================== helpers
     def run_until_done(self, max_steps: int | None = None) -> list[TokenEvent]:
@@ -662,19 +705,6 @@ def slot_bytes(settings: EngineSettings, model: LayeredModel, depth: int) -> int
                            model.hidden_size, settings.pending_window, elem, settings.kv_strategy == "recompute")
     exits = sum(1 for layer in model.heads.adapters if layer < depth - 1)
     return kv + KVPool.logits_bytes(model.vocab_size, exits)
-
-
-def _greedy_tokens(rows: list[Request], exits) -> dict[int, int]:
-    """Argmax of every greedy row's logits, read to the host in one copy (one sync, not one per row)."""
-    picks = [ex for ex in exits if rows[ex.index].params.greedy
-             or rows[ex.index].params.temperature < MIN_TEMPERATURE]
-    if not picks:
-        return {}
-    try:
-        ids = torch.stack([ex.logits for ex in picks]).argmax(dim=-1).tolist()
-    except RuntimeError:  # mismatched rows (cannot happen within one model): fall back to one at a time
-        return {}
-    return {ex.index: int(t) for ex, t in zip(picks, ids)}
 
 
 def _same_tokenizer(a: LayeredModel, b: LayeredModel) -> bool:

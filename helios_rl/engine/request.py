@@ -20,6 +20,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -31,6 +32,8 @@ class SamplingParams:
             raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise RequestError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop, str):
@@ -71,6 +74,9 @@ class Request:
     exit_layers: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
     greedy_flags: list[bool] = field(default_factory=list)  # per token: forced out below full depth (a breach)
+    text: str = ""  # raw output text so far (earlier models' text included), detokenized incrementally
+    prefix_offset: int = 0  # incremental detokenization window over output_ids (see Engine._detokenize)
+    read_offset: int = 0
     models: list[str] = field(default_factory=list)  # model that produced each generated token
     status: Status = Status.WAITING
     slot: int | None = None

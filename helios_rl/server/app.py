@@ -202,6 +202,9 @@ def create_app(rt: ServerRuntime) -> FastAPI:
             return error(400, first.error or "rejected", first.param, code)
         if first.kind == "failed":
             return _failed(first)
+        if first.kind == "unavailable":  # the engine cannot serve right now (it says why, and retries)
+            return error(503, first.error or "engine unavailable", None, "engine_unavailable",
+                         headers={"Retry-After": "5"})
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -266,9 +269,10 @@ def create_app(rt: ServerRuntime) -> FastAPI:
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> Any:
         st = rt.loop.state
-        alive = rt.loop.alive and st.alive
+        alive = rt.loop.alive and st.alive and st.unavailable is None
+        reason = None if alive else (st.unavailable or "the engine thread is not running")
         body = Health(status="ok" if alive else "unavailable", model=st.model, depth=st.depth, engine_alive=alive,
-                      outstanding=rt.loop.outstanding)
+                      outstanding=rt.loop.outstanding, reason=reason)
         return body if alive else JSONResponse(body.model_dump(), status_code=503)
 
     @app.get("/metrics", response_class=Response)

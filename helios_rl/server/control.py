@@ -153,6 +153,7 @@ class ControlPlane:
         self.decide_times: deque[float] = deque(maxlen=100_000)  # primary decide(): wall seconds
         self.decide_cpu: deque[float] = deque(maxlen=100_000)  # ... and its thread's CPU seconds
         self.fallback_reasons: dict[str, int] = {}
+        self.last_rejection: dict | None = None
         self.decisions = 0
         self.last: Decision | None = None
         self._mailbox: queue.Queue[TelemetrySnapshot | None] = queue.Queue(maxsize=1)
@@ -285,6 +286,18 @@ class ControlPlane:
         if self.shadow_log is not None:
             self.shadow_log.close()
 
+    def rejected(self, decision: Decision, reason: str) -> None:
+        """Tell the controller whose decision the engine did not take (invalid or rolled back), and why."""
+        self.last_rejection = {"controller": decision.controller, "source": decision.source, "reason": reason,
+                               "config": _config_dict(decision.config)}
+        worker = self.primary if decision.source == "primary" else self.fallback
+        hook = getattr(worker.ctrl, "rejected", None) if worker is not None else None
+        if hook is not None:
+            try:
+                hook(decision.config, reason)
+            except Exception:  # noqa: BLE001 - a controller's bookkeeping must not break serving
+                pass
+
     def stats(self) -> dict[str, Any]:
         """Decision-time percentiles (ms) and fallback counts, for ``/admin/controller`` and benchmarks."""
         def pct(values: deque[float]) -> dict[str, float | int | None]:
@@ -297,7 +310,7 @@ class ControlPlane:
         return {"controller": primary, "fallback": fallback, "shadow": shadow, "deadline_ms": self.deadline_s * 1e3,
                 "decisions": self.decisions, "decide_ms": pct(self.decide_times),
                 "decide_cpu_ms": pct(self.decide_cpu),
-                "fallbacks": dict(self.fallback_reasons),
+                "fallbacks": dict(self.fallback_reasons), "last_rejection": self.last_rejection,
                 "last": None if self.last is None else {"source": self.last.source, "controller": self.last.controller,
                                                         "reason": self.last.reason,
                                                         "config": _config_dict(self.last.config)}}

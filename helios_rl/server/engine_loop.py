@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from helios_rl.engine import Engine, RequestError, SamplingParams, ServingConfig
+from helios_rl.engine import Engine, EngineUnavailable, RequestError, SamplingParams, ServingConfig
 from helios_rl.evaluation.accuracy import Segment
 from helios_rl.evaluation.scorer import ServedRequest
 from helios_rl.server.control import ControlPlane, Decision
@@ -46,7 +46,8 @@ class Final:
 
 @dataclass
 class StreamEvent:
-    """``accepted`` | ``rejected`` (error, param) | ``delta`` (text) | ``final`` (final) | ``failed`` (error)."""
+    """``accepted`` | ``rejected`` (error, param) | ``unavailable`` (error: the engine cannot serve now) |
+    ``delta`` (text) | ``final`` (final) | ``failed`` (error)."""
 
     kind: str
     text: str = ""
@@ -97,6 +98,7 @@ class PublicState:
     pinned: bool = False
     alive: bool = True
     models_loaded: list[str] = field(default_factory=list)
+    unavailable: str | None = None  # why the engine cannot serve now (None: it can)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -216,7 +218,7 @@ class EngineLoop:
     def _public(self) -> PublicState:
         e = self.engine
         return PublicState(e.model.name, e.model.depth, e.model.num_layers, e.config.to_dict(), e.max_batch,
-                           self._pinned, self.crashed is None, list(self.models))
+                           self._pinned, self.crashed is None, list(self.models), e.unavailable)
 
     def _run(self) -> None:
         if self.torch_threads:
@@ -230,8 +232,8 @@ class EngineLoop:
                 busy = self.engine.has_unfinished()
                 wait = 0.0 if busy else max(0.0, min(next_tick - time.perf_counter(), 0.05))
                 self._drain(wait)
-                if self.engine.has_unfinished():
-                    self._step()
+                if self.engine.has_unfinished() or self.engine.unavailable is not None or self.engine.pending_errors:
+                    self._step()  # also reports requests failed outside a step, and retries recovery
                 if time.perf_counter() >= next_tick:
                     last_tick = self._tick(last_tick)
                     next_tick = time.perf_counter() + self.interval_s
@@ -284,6 +286,10 @@ class EngineLoop:
         try:
             prompt = render_chat(self.engine.model.tokenizer, sub.messages) if chat else sub.prompt
             self.engine.add_request(prompt, sub.params, request_id=sub.request_id)
+        except EngineUnavailable as exc:
+            self._send(sub, StreamEvent("unavailable", error=f"engine unavailable: {exc}"))
+            self._done()
+            return
         except RequestError as exc:
             self._reject(sub, str(exc), _param_of(str(exc), chat))
             return
@@ -327,6 +333,8 @@ class EngineLoop:
             self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
             return
         self.metrics.steps.inc()
+        if self.state.unavailable != self.engine.unavailable:
+            self.state = self._public()  # /health tells the truth from the next request on
         if not events:
             return
         self.metrics.observe_exits(model, (ev.exit_layer for ev in events))
@@ -335,6 +343,9 @@ class EngineLoop:
             if live is None:
                 continue
             req = self.engine.requests[ev.request_id]
+            if ev.finished and ev.finish_reason == "error":  # failed by the engine: the client gets why
+                self._fail_one(live, req.error or "engine error")
+                continue
             if self.scorer is not None and ev.token_id >= 0:
                 if not live.segments or live.segments[-1].model != model:
                     live.segments.append(Segment(model))
@@ -367,6 +378,14 @@ class EngineLoop:
         self.engine.requests.pop(req.request_id, None)
         self._done()
         self._send(live.sub, StreamEvent("final", final=final))
+
+    def _fail_one(self, live: _Live, message: str) -> None:
+        rid = live.sub.request_id
+        self._live.pop(rid, None)
+        self.engine.requests.pop(rid, None)
+        self.metrics.engine_errors.inc()
+        self._done()
+        self._send(live.sub, StreamEvent("failed", error=message))
 
     def _fail_all(self, message: str) -> None:
         for rid, live in list(self._live.items()):
@@ -410,10 +429,13 @@ class EngineLoop:
             return
         try:
             self.engine.apply(d.config)
-        except Exception as exc:  # noqa: BLE001 - an infeasible config leaves the engine as it was
-            log.warning("config from %s (%s) refused: %s", d.controller, d.source, exc)
+        except Exception as exc:  # noqa: BLE001 - refused or rolled back: the engine says what it serves now
+            log.warning("config from %s (%s) not applied: %s", d.controller, d.source, exc)
             self.metrics.decisions.labels(d.source, "rejected").inc()
             self.metrics.apply_errors.labels(d.source).inc()
+            if self.control is not None:
+                self.control.rejected(d, f"{type(exc).__name__}: {exc}")
+            self.state = self._public()
             return
         self.metrics.decisions.labels(d.source, "applied").inc()
         self.state = self._public()

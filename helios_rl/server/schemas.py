@@ -169,6 +169,7 @@ class Health(BaseModel):
     depth: int
     engine_alive: bool
     outstanding: int
+    reason: str | None = None  # why the engine cannot serve (None while it can)
 
 
 # ----------------------------------------------------------------------------- admin

@@ -355,3 +355,84 @@ def test_sampled_scoring_measures_served_agreement_off_the_request_path(text_dir
         assert rt.loop.scorer.scorer.tokens == 15
     finally:
         rt.loop.stop()
+
+
+def _stream_id(url: str, body: dict) -> tuple[httpx.Client, httpx.Response]:
+    c = httpx.Client(timeout=60)
+    resp = c.send(c.build_request("POST", f"{url}/v1/completions", json={**body, "stream": True}), stream=True)
+    return c, resp
+
+
+def test_cancel_through_the_api_frees_the_slot_and_ends_the_stream(text_dirs):
+    rt = make_runtime(text_dirs, max_batch=2, max_len=128)
+    with BackgroundServer(create_app(rt)) as url:
+        c, resp = _stream_id(url, {"model": "tiny-a", "prompt": "w5 w6", "max_tokens": 100, "ignore_eos": True})
+        rid = resp.headers["x-request-id"]
+        lines = resp.iter_lines()
+        next(lines)
+        r = httpx.post(f"{url}/v1/requests/{rid}/cancel")
+        assert r.status_code == 200 and r.json() == {"id": rid, "cancelled": True}
+        rest = [ln for ln in lines if ln.startswith("data: {")]
+        assert json.loads(rest[-1][6:])["choices"][0]["finish_reason"] == "cancelled"
+        resp.close()
+        c.close()
+        assert httpx.post(f"{url}/v1/requests/{rid}/cancel").status_code == 404
+        deadline = time.time() + 10
+        while rt.loop.outstanding and time.time() < deadline:
+            time.sleep(0.02)
+        assert rt.loop.outstanding == 0
+        assert total(metrics(url), "helios_requests_cancelled_total") == 1
+
+
+def test_connections_beyond_the_bound_get_503_and_a_slow_reader_stalls_no_one(text_dirs):
+    rt = make_runtime(text_dirs, max_batch=4, max_len=128, max_connections=2)
+    with BackgroundServer(create_app(rt)) as url:
+        # a streaming client that never reads: its events queue up on its side, the engine does not wait
+        c, slow = _stream_id(url, {"model": "tiny-a", "prompt": "w5 w6", "max_tokens": 60, "ignore_eos": True})
+        t0 = time.time()
+        done = httpx.post(f"{url}/v1/completions", json={"model": "tiny-a", "prompt": "w7 w8", "max_tokens": 8,
+                                                          "ignore_eos": True}, timeout=60)
+        assert done.status_code == 200 and time.time() - t0 < 20
+        c2, second = _stream_id(url, {"model": "tiny-a", "prompt": "w9", "max_tokens": 60, "ignore_eos": True})
+        third = httpx.post(f"{url}/v1/completions", json={"model": "tiny-a", "prompt": "w7", "max_tokens": 2})
+        assert third.status_code == 503 and third.headers["retry-after"] == "1"
+        assert "too many open connections" in third.json()["error"]["message"]
+        for c_, r_ in ((c, slow), (c2, second)):
+            r_.close()
+            c_.close()
+        assert total(metrics(url), "helios_connections_refused_total") == 1
+
+
+def test_health_tells_the_truth_through_a_failure_and_a_recovery(text_dirs):
+    rt = make_runtime(text_dirs, fault_injection=True)
+    with BackgroundServer(create_app(rt)) as url:
+        assert httpx.get(f"{url}/health").status_code == 200
+        for model, times in (("tiny-b", 1), ("tiny-a", 3)):  # the switch fails, and so do reloads of tiny-a
+            assert httpx.post(f"{url}/admin/faults", json={"fault": "load", "model": model, "kind": "oom",
+                                                           "times": times}).status_code == 200
+        r = httpx.post(f"{url}/admin/config", json={"model": "tiny-b"})
+        assert r.status_code >= 400
+        h = httpx.get(f"{url}/health")
+        assert h.status_code == 503 and "out of memory" in h.json()["reason"]
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny-a", "prompt": "w5", "max_tokens": 2})
+        assert refused.status_code == 503 and "engine unavailable" in refused.json()["error"]["message"]
+        deadline = time.time() + 30  # recovery retries with back-off; the third failure was the last
+        while httpx.get(f"{url}/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/health").status_code == 200
+        ok = httpx.post(f"{url}/v1/completions", json={"model": "tiny-a", "prompt": "w5", "max_tokens": 2,
+                                                        "ignore_eos": True}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_a_failed_switch_keeps_serving_and_the_controller_hears_why(text_dirs):
+    rt = make_runtime(text_dirs, fault_injection=True)
+    with BackgroundServer(create_app(rt)) as url:
+        httpx.post(f"{url}/admin/faults", json={"fault": "load", "model": "tiny-b", "kind": "truncated"})
+        c = client(url)
+        r = httpx.post(f"{url}/admin/config", json={"model": "tiny-b"})
+        assert r.status_code >= 400 and "injected" in r.text
+        assert httpx.get(f"{url}/health").status_code == 200
+        done = c.completions.create(model="tiny-a", prompt="w5 w6", max_tokens=4, extra_body={"ignore_eos": True})
+        assert done.usage.completion_tokens == 4
+        assert rt.loop.state.model == "tiny-a"

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="--model only: batch cap")
     p.add_argument("--max-model-len", type=int, default=512, help="--model only: tokens per request")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="concurrent /v1 connections; beyond it a request gets 503 with Retry-After (0: unbounded)")
+    p.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--score-sample", type=float, default=0.0,
                    help="share of finished requests to score off the request path (free-running agreement, "
                         "reference perplexity; needs full-depth model copies outside the budget); 0: none")
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     controller = args.controller or ("helios" if args.scenario else "static")
     settings = ServerSettings(max_queue=args.max_queue, decision_deadline_s=args.decision_deadline_ms / 1e3,
                               admin_token=args.admin_token, shadow_log=args.shadow_log,
-                              score_sample=args.score_sample,
+                              score_sample=args.score_sample, max_connections=args.max_connections,
+                              fault_injection=args.enable_fault_injection,
                               torch_threads=args.threads if args.threads is not None or args.scenario else 1)
     if args.scenario:
         from helios_rl.scenario import Scenario

@@ -65,15 +65,28 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 class _CountRequests:
-    """ASGI middleware: ``helios_requests_total{endpoint, status}`` for every /v1 response (streams too)."""
+    """ASGI middleware: ``helios_requests_total{endpoint, status}`` for every /v1 response (streams too),
+    and a bound on concurrent /v1 connections (``max_connections``): beyond it a request gets 503 with
+    ``Retry-After`` at once, before any work, so a flood of open streams cannot exhaust the server."""
 
     def __init__(self, app: Any, rt: ServerRuntime) -> None:
         self.app, self.rt = app, rt
+        self.open = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        limit = self.rt.settings.max_connections
+        if limit and self.open >= limit:
+            endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+            self.rt.metrics.requests.labels(endpoint, "503").inc()
+            self.rt.metrics.connections_refused.inc()
+            resp = error(503, f"too many open connections ({self.open}, limit {limit}); retry shortly", None,
+                         "too_many_connections", headers={"Retry-After": "1"})
+            await resp(scope, receive, send)
+            return
+        self.open += 1
         status = {"code": 500}
 
         async def send_status(message: dict) -> None:
@@ -83,6 +96,7 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            self.open -= 1
             endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
             self.rt.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
@@ -131,6 +145,28 @@ def create_app(rt: ServerRuntime) -> FastAPI:
             raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
 
     # ------------------------------------------------------------------ OpenAI API
+    if rt.faults is not None:  # tests and benchmarks only (ServerSettings.fault_injection)
+        @app.post("/admin/faults", dependencies=[Depends(admin_auth)])
+        async def arm_fault(spec: dict) -> Any:
+            fut = rt.loop.call(lambda engine: rt.faults.arm(engine, spec))
+            try:
+                return await asyncio.wrap_future(fut)
+            except ValueError as exc:
+                return error(400, str(exc), "fault", "invalid_value")
+
+        @app.get("/admin/faults", dependencies=[Depends(admin_auth)])
+        async def fired_faults() -> Any:
+            return {"fired": list(rt.faults.fired)}
+
+    @app.post("/v1/requests/{request_id}/cancel", responses=ERRORS)
+    async def cancel(request_id: str) -> Any:
+        """Cancel an accepted request (its id is the response ``id`` / the stream's ``X-Request-Id``)."""
+        fut = rt.loop.cancel(request_id)
+        ok = await asyncio.wrap_future(fut)
+        if not ok:
+            return error(404, f"no request {request_id!r} is in progress", "request_id", "not_found")
+        return {"id": request_id, "cancelled": True}
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
         now = int(time.time())

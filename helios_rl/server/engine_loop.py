@@ -179,6 +179,27 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def cancel(self, request_id: str) -> Future:
+        """Cancel an accepted request through the API (future: True if it was live). Its slot and KV are
+        freed at the next step boundary; its client gets a final ``cancelled`` answer."""
+        def run(engine: Engine) -> bool:
+            live = self._live.get(request_id)
+            if live is None:
+                return False
+            engine.abort(request_id)
+            self._live.pop(request_id, None)
+            req = engine.requests.pop(request_id, None)
+            self.metrics.cancelled.inc()
+            self.metrics.request_success.labels("cancelled").inc()
+            self._done()
+            text = req.output_text if req is not None else ""
+            final = Final(text, "cancelled", len(req.prompt_ids) if req else 0, req.num_generated if req else 0,
+                          list(dict.fromkeys(req.models)) if req else [], list(req.exit_layers) if req else [],
+                          engine.model.name, engine.model.depth)
+            self._send(live.sub, StreamEvent("final", final=final))
+            return True
+        return self.call(run)
+
     def call(self, fn: Callable[[Engine], Any]) -> Future:
         """Run ``fn(engine)`` on the engine thread at the next step boundary."""
         fut: Future = Future()

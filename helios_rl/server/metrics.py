@@ -35,6 +35,9 @@ class ServerMetrics:
                                       "requests with the serving model's full-depth output", ["model"], registry=r)
         self.scored_requests = Counter("helios_scored_requests", "Sampled requests scored", registry=r)
         self.scorer_dropped = Counter("helios_scorer_dropped", "Samples skipped (scorer queue full)", registry=r)
+        self.connections_refused = Counter("helios_connections_refused", "Connections refused over max_connections",
+                                           registry=r)
+        self.cancelled = Counter("helios_requests_cancelled", "Requests cancelled through the API", registry=r)
         self.scorer_cpu = Counter("helios_scorer_cpu_seconds", "CPU seconds spent scoring samples", registry=r)
         self.request_success = Counter("helios_request_success", "Finished requests by finish reason",
                                        ["finished_reason"], registry=r)

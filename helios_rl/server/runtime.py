@@ -43,6 +43,8 @@ class ServerSettings:
     seed: int = 0
     telemetry_records: int = 20_000  # engine step/request records kept (snapshots scan them)
     torch_threads: int | None = None  # set on the engine thread (None: leave torch's setting)
+    fault_injection: bool = False  # tests and benchmarks only: POST /admin/faults (helios_rl.server.faults)
+    max_connections: int = 256  # concurrent /v1 connections; beyond: 503 + Retry-After (0: unbounded)
     score_sample: float = 0.0  # share of finished requests scored off the request path (0: none)
     score_reference: str | None = None  # the model scoring served text's perplexity (scenario: slo.reference_model)
 
@@ -59,6 +61,7 @@ class ServerRuntime:
     num_layers: dict[str, int]
     max_model_len: int
     notes: list[str] = field(default_factory=list)
+    faults: Any = None  # a FaultInjector when settings.fault_injection (tests, benchmarks)
 
     @property
     def served_ids(self) -> list[str]:
@@ -156,6 +159,12 @@ def build_runtime(ctx: Any, engine_settings: EngineSettings, loader: ModelLoader
     """Controllers from names, the first config from the control plane, the engine on that model."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
+    faults = None
+    if settings.fault_injection:
+        from helios_rl.server.faults import FaultInjector
+
+        faults = FaultInjector()
+        loader = faults.wrap_loader(loader)
     primary = make_decision_maker(controller, ctx, params_for)
     fallback = fallback_for(controller, ctx, params_for)
     shadow_ctrl = make_decision_maker(shadow, ctx, params_for) if shadow else None
@@ -185,7 +194,9 @@ def build_runtime(ctx: Any, engine_settings: EngineSettings, loader: ModelLoader
                                     settings.score_sample, settings.seed)
         notes.append(f"scoring {settings.score_sample:.0%} of finished requests off the request path "
                      f"(full-depth copies outside the memory budget)")
-    return ServerRuntime(loop, plane, metrics, settings, list(ctx.candidates), layers, engine.max_len, notes)
+    rt = ServerRuntime(loop, plane, metrics, settings, list(ctx.candidates), layers, engine.max_len, notes)
+    rt.faults = faults
+    return rt
 
 
 def runtime_from_scenario(path: str, controller: str = "helios", shadow: str | None = None,

@@ -175,7 +175,8 @@ def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, d
         dist = replay.mapped(L)
         exit_layers = tuple(int(l) for l in np.nonzero(dist[:-1])[0]) or tuple(range(L - 1))
         settings = lambda: EngineSettings(memory_budget_bytes=p.budget_bytes, max_batch=p.batch_cap,  # noqa: E731
-                                          max_model_len=p.max_model_len, exit_replay=replay, energy=True)
+                                          max_model_len=p.max_model_len, exit_replay=replay, energy=True,
+                                          max_prefill_tokens=p.max_prefill_tokens)
         out = {"num_layers": L, "mapped_distribution": np.round(dist, 6).tolist(), "exit_layers": list(exit_layers)}
         for mode, depth in (("static", L), ("helios", coverage_depth(dist, coverage))):
             model.set_depth(depth)
@@ -264,7 +265,8 @@ def main(argv=None) -> int:
         scale="tiny" if smoke else "paper", seed=args.seed, repeats=args.repeats or (1 if smoke else 3),
         prompt_len=12 if smoke else 128, new_tokens=4 if smoke else 64, b1_tokens=6 if smoke else 128,
         max_model_len=64 if smoke else 512, batch_cap=64 if smoke else 4096, requests_per_slot=1,
-        budget_bytes=int(3 * 2**20) if smoke else int(args.budget_gb * GB), bundled_prompts=8)
+        budget_bytes=int(3 * 2**20) if smoke else int(args.budget_gb * GB), bundled_prompts=8,
+        max_prefill_tokens=48 if smoke else 1024)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     batches = (2, 4) if smoke else (32, 128)
     refs = [r for r in (args.bundled if args.bundled is not None else ("" if smoke else "smollm2-135m,gemma3-270m"))

@@ -60,7 +60,7 @@ class EngineSection:
     max_model_len: int = 512
     kv_strategy: str = "recompute"
     pending_window: int = 32
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 1024
     device: str | None = None
     dtype: str | None = None
     threads: int = 1
@@ -74,7 +74,7 @@ class EngineSection:
 
     def memory(self) -> MemorySettings:
         return MemorySettings(self.memory_budget_bytes, self.max_batch, self.max_model_len, self.pending_window,
-                              self.kv_strategy == "recompute")
+                              self.kv_strategy == "recompute", self.max_prefill_tokens)
 
 
 @dataclass(frozen=True)

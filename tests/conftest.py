@@ -52,7 +52,7 @@ workload:
   split: all
   prompts: {{sources: [], file: {prompts}}}
 slo: {{ttft_s: 0.05, tpot_s: 0.01, objective: throughput}}
-engine: {{memory_budget: 3MiB, max_batch: 8, max_model_len: 48}}
+engine: {{memory_budget: 3MiB, max_batch: 8, max_model_len: 48, max_prefill_tokens: 64}}
 exits: {{layers: [0, 1, 2], threshold: 0.06}}
 backend: {{timing: modeled, interval_s: 0.01}}
 controllers:

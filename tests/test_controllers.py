@@ -218,14 +218,15 @@ def test_repository_memory_model_matches_engine(tiny_dirs):
                         layer_bytes=[model.layer_bytes(i) for i in range(model.num_layers)], adapter_bytes=0,
                         kv_bytes_per_token_layer=model.kv_bytes_per_token_layer(), hidden_size=model.hidden_size,
                         elem_bytes=4, max_positions=model.max_positions, exit_layers=[],
-                        vocab_size=model.vocab_size)
+                        vocab_size=model.vocab_size, intermediate_size=model.intermediate_size,
+                        num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim)
     full = model.weight_bytes_at_depth(model.num_layers)
-    for extra in (200_000, 700_000, 3_000_000):
+    for extra in (300_000, 700_000, 3_000_000):
         for strategy in ("recompute", "copy"):
             settings = EngineSettings(memory_budget_bytes=full + extra, max_batch=64, max_model_len=96,
-                                      kv_strategy=strategy, pending_window=8)
+                                      kv_strategy=strategy, pending_window=8, max_prefill_tokens=16)
             eng = Engine(model, settings)
-            mem = MemorySettings(full + extra, 64, 96, 8, strategy == "recompute")
+            mem = MemorySettings(full + extra, 64, 96, 8, strategy == "recompute", settings.max_prefill_tokens)
             for d in range(1, model.num_layers + 1):
                 assert prof.admissible_batch(d, mem) == eng.admissible_batch(d), (extra, strategy, d)
             assert prof.admissible_batch(model.num_layers, mem) >= 1

@@ -144,7 +144,10 @@ def test_memory_budget_sets_the_batch_and_half_depth_admits_more(tiny_dirs):
     model = eng.model
     # KV + pending ring + the step's float32 logits rows (last layer, confidence softmax)
     per_slot_full = 6 * 64 * model.kv_bytes_per_token_layer() + 32 * model.hidden_size * 8 + 2 * model.vocab_size * 4
-    budget = model.weight_bytes_at_depth(6) + 5 * per_slot_full + 100
+    # + the activations of one prefill chunk: every layer input, Q/K/V, MLP and float32 scores over max_len keys
+    t, h = 1024, model.hidden_size
+    act = t * (3 * h + (4 + 2 * 2) * model.head_dim + 3 * model.intermediate_size) * 8 + 4 * t * 64 * 4
+    budget = model.weight_bytes_at_depth(6) + act + 5 * per_slot_full + 100
     eng2 = make_engine(folder, max_batch=64, max_model_len=64, memory_budget_bytes=budget)
     assert eng2.max_batch == 5
     assert eng2.admissible_batch(3) > eng2.max_batch

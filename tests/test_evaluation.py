@@ -25,7 +25,7 @@ workload:
   split: all
   prompts: {{sources: [], file: {prompts}}}
 slo: {{ttft_s: 1.0, tpot_s: 0.05}}
-engine: {{memory_budget: 3MiB, max_batch: 8, max_model_len: 48}}
+engine: {{memory_budget: 3MiB, max_batch: 8, max_model_len: 48, max_prefill_tokens: 64}}
 exits: {{layers: {layers}, threshold: 0.06}}
 repository: {{dir: {repo}, prompts: 3, new_tokens: 6, batches: [1, 4]}}
 backend: {{timing: modeled, interval_s: 0.005}}

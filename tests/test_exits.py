@@ -334,7 +334,9 @@ def test_exit_heads_memory_is_resident_and_shrinks_the_admissible_batch(tiny_dir
     model = _model(tiny_dirs["llama"])
     bare = model.resident_bytes()
     settings = EngineSettings(max_batch=256, max_model_len=32, pending_window=4)
-    settings.memory_budget_bytes = bare + 3 * slot_bytes(settings, model, 6) + 1000  # 1000 bytes to spare
+    from helios_rl.engine.engine import prefill_bytes
+
+    settings.memory_budget_bytes = bare + prefill_bytes(settings, model) + 3 * slot_bytes(settings, model, 6) + 1000
     before = Engine(model, settings).admissible_batch(6)
     assert before == 3
     heads = TunedExitHeads(model.heads, model, torch.arange(40))
@@ -351,8 +353,9 @@ def test_exit_heads_memory_is_resident_and_shrinks_the_admissible_batch(tiny_dir
                         layer_bytes=[model.layer_bytes(i) for i in range(6)], adapter_bytes=heads.nbytes(),
                         kv_bytes_per_token_layer=model.kv_bytes_per_token_layer(), hidden_size=model.hidden_size,
                         elem_bytes=8, max_positions=model.max_positions, exit_layers=[1, 3], heads="trained",
-                        vocab_size=model.vocab_size, head_layers=[1, 3])
-    mem = MemorySettings(settings.memory_budget_bytes, 256, 32, 4, True)
+                        vocab_size=model.vocab_size, head_layers=[1, 3], intermediate_size=model.intermediate_size,
+                        num_heads=model.num_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim)
+    mem = MemorySettings(settings.memory_budget_bytes, 256, 32, 4, True, settings.max_prefill_tokens)
     assert all(prof.admissible_batch(d, mem) == eng.admissible_batch(d) for d in range(1, 7))
 
 

@@ -34,7 +34,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def base(tiny_text_dirs, budget="4MiB") -> str:
+def base(tiny_text_dirs, budget="8MiB") -> str:
     return BASE.format(a=tiny_text_dirs["tiny-a"], b=tiny_text_dirs["tiny-b"], budget=budget)
 
 
@@ -56,7 +56,7 @@ def test_shipped_scenarios_load_and_fit_the_bundled_models():
 
 def test_valid_scenario_and_defaults(tmp_path, tiny_text_dirs):
     s = Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs)))
-    assert s.engine.memory_budget_bytes == 4 << 20
+    assert s.engine.memory_budget_bytes == 8 << 20
     assert s.params("helios").coverage == 0.8 and s.params("helios").breach_window == 100
     assert s.backend.kind == "live" and s.backend.clock == "virtual"
     s.check_models(facts(s))
@@ -64,13 +64,13 @@ def test_valid_scenario_and_defaults(tmp_path, tiny_text_dirs):
 
 
 @pytest.mark.parametrize("edit,line,key,msg", [
-    ("engine:\n  memory_budget: 4MiB\n  max_modle_len: 64\n", 10, "engine.max_modle_len", "did you mean 'max_model_len'"),
+    ("engine:\n  memory_budget: 8MiB\n  max_modle_len: 64\n", 10, "engine.max_modle_len", "did you mean 'max_model_len'"),
     ("controllers:\n  helios: {coverag: 0.8}\n", 12, "controllers.helios.coverag", "did you mean 'coverage'"),
     ("controllers:\n  helios: {coverage: 1.5}\n", 12, "controllers.helios.coverage", "must be <= 1"),
     ("controllers:\n  hel1os: {}\n", 12, "controllers.hel1os", "unknown controller"),
     ("  arrival: {kind: poisson, rate: -1}\n", 4, "workload.arrival.rate", "must be > 0"),
     ("engine:\n  memory_budget: lots\n  max_model_len: 64\n", 9, "engine.memory_budget", "size like '1GiB'"),
-    ("engine:\n  memory_budget: 4MiB\n  max_model_len: 16\n", 10, "engine.max_model_len", "cannot hold a prompt"),
+    ("engine:\n  memory_budget: 8MiB\n  max_model_len: 16\n", 10, "engine.max_model_len", "cannot hold a prompt"),
     ("bogus: 1\n", 13, "bogus", "unknown key"),
     ("slo: {objective: speed}\n", 13, "slo.objective", "must be one of"),
     ("evaluation: {controllers: [static, nope]}\n", 13, "evaluation.controllers[1]", "must be one of"),
@@ -79,7 +79,7 @@ def test_valid_scenario_and_defaults(tmp_path, tiny_text_dirs):
 def test_errors_name_file_line_and_key(tmp_path, tiny_text_dirs, edit, line, key, msg):
     text = base(tiny_text_dirs)
     if edit.startswith("engine:"):
-        text = text.replace("engine:\n  memory_budget: 4MiB\n  max_model_len: 64\n", edit)
+        text = text.replace("engine:\n  memory_budget: 8MiB\n  max_model_len: 64\n", edit)
     elif edit.startswith("controllers:"):
         text = text.replace("controllers:\n  helios: {coverage: 0.8}\n", edit)
     elif edit.startswith("  arrival"):

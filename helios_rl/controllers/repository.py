@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from helios_rl.engine.kv_cache import KVPool
+from helios_rl.engine.memory import activation_bytes
 from helios_rl.utils.io import atomic_write_json
 
 PROFILE_FORMAT = "helios_rl.model_profile/1"
@@ -39,6 +40,7 @@ class MemorySettings:
     max_model_len: int
     pending_window: int
     recompute: bool
+    max_prefill_tokens: int = 0  # the prefill chunk whose activations the budget holds (0: not counted)
 
 
 @dataclass
@@ -67,6 +69,10 @@ class ModelProfile:
     calibration_tokens: int = 0
     vocab_size: int = 0  # per-row logits memory (0 in profiles written before it was counted)
     head_layers: list[int] = field(default_factory=list)  # layers with a trained exit head
+    intermediate_size: int = 0  # MLP width and attention heads: prefill activations (0: not counted)
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
     key: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -86,8 +92,16 @@ class ModelProfile:
         """Largest batch the budget admits at ``depth`` (0 when the weights alone do not fit)."""
         if mem.budget_bytes is None:
             return mem.max_batch
-        free = mem.budget_bytes - self.weight_bytes(depth)
+        free = mem.budget_bytes - self.weight_bytes(depth) - self.prefill_bytes(mem)
         return int(max(0, min(mem.max_batch, free // self.slot_bytes(depth, mem))))
+
+    def prefill_bytes(self, mem: MemorySettings) -> int:
+        """The engine's rule (``helios_rl.engine.engine.prefill_bytes``)."""
+        if not self.intermediate_size or not mem.max_prefill_tokens:
+            return 0
+        return activation_bytes(self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
+                                self.head_dim, mem.max_prefill_tokens, min(mem.max_model_len, self.max_positions),
+                                self.elem_bytes)
 
     def max_feasible_depth(self, mem: MemorySettings, min_batch: int = 1) -> int:
         """Deepest load that still admits ``min_batch`` requests (0 if none)."""
@@ -194,11 +208,18 @@ class ModelFacts:
     hidden_size: int
     elem_bytes: int
     max_positions: int
+    vocab_size: int = 0
+    intermediate_size: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
 
     def as_profile(self) -> ModelProfile:
         """A profile with these sizes and placeholder speed/exit data (enough for memory checks)."""
         return ModelProfile(self.name, self.num_layers, self.non_layer_bytes, list(self.layer_bytes), 0,
-                            self.kv_bytes_per_token_layer, self.hidden_size, self.elem_bytes, self.max_positions, [])
+                            self.kv_bytes_per_token_layer, self.hidden_size, self.elem_bytes, self.max_positions, [],
+                            vocab_size=self.vocab_size, intermediate_size=self.intermediate_size,
+                            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
 
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -229,5 +250,7 @@ def checkpoint_facts(ref: str, elem_bytes: int = 4) -> ModelFacts:
                     per_layer[int(m.group(1))] += n
                 else:
                     other += n
+    inter = int(cfg.get("intermediate_size") or cfg.get("ffn_dim") or 4 * hidden)
     return ModelFacts(ref, layers, other, per_layer, 2 * kv_heads * head_dim * elem_bytes, hidden, elem_bytes,
-                      int(cfg.get("max_position_embeddings", 2048)))
+                      int(cfg.get("max_position_embeddings", 2048)), int(cfg.get("vocab_size", 0)), inter, heads,
+                      kv_heads, head_dim)

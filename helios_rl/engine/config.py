@@ -68,7 +68,8 @@ class EngineSettings:
     - ``kv_strategy``: ``recompute`` (exact) or ``copy`` (CALM-style) KV for skipped layers.
     - ``pending_window``: at most this many positions of a request may wait for deeper-layer KV
       (``recompute``); when full, its next token runs to the last loaded layer.
-    - ``max_prefill_tokens``: tokens prefilled in one step (admission stops beyond it).
+    - ``max_prefill_tokens``: prompt (and re-prefill) positions run in one step: longer prompts are
+      prefilled in chunks over several steps; its activations are counted in the budget.
     - ``exit_replay``: an :class:`~helios_rl.engine.exits.ExitReplay` to replay a measured exit-layer
       distribution instead of deciding by confidence (speed studies on random-weight models only;
       telemetry then says ``exit_mode: "replay"``). ``None``: real, confidence-based exits.
@@ -81,7 +82,7 @@ class EngineSettings:
     max_model_len: int = 1024
     kv_strategy: str = "recompute"
     pending_window: int = 32
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 1024
     measure: str = "max_prob"
     default_threshold: float = 0.9
     device: str | None = None

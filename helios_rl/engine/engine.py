@@ -22,6 +22,7 @@ from helios_rl.engine.config import EngineSettings, ServingConfig
 from helios_rl.engine.exits import CONFIDENCE
 from helios_rl.engine.forward import ExitPolicy, LayerLoop
 from helios_rl.engine.kv_cache import KVPool
+from helios_rl.engine.memory import model_activation_bytes
 from helios_rl.engine.request import Request, RequestError, SamplingParams, Status
 from helios_rl.engine.sampling import select_tokens
 from helios_rl.engine.telemetry import RequestRecord, StepRecord, Telemetry, TelemetrySnapshot
@@ -256,7 +257,7 @@ class Engine:
         budget = self.settings.memory_budget_bytes
         if budget is None:
             return cap
-        free = budget - model.weight_bytes_at_depth(depth) - model.heads.nbytes()
+        free = budget - model.weight_bytes_at_depth(depth) - model.heads.nbytes() - prefill_bytes(self.settings, model)
         return max(0, min(cap, free // slot_bytes(self.settings, model, depth)))
 
     def _configure(self, cfg: ServingConfig, model: LayeredModel) -> None:
@@ -695,6 +696,12 @@ class Engine:
             waiting=len(self.waiting), resident_bytes=self.resident_bytes(),
             weight_bytes=self.model.resident_bytes(), kv_bytes=self.pool.nbytes() if self.pool else 0,
             budget_bytes=self.settings.memory_budget_bytes, exit_mode=self.exit_mode)
+
+
+def prefill_bytes(settings: EngineSettings, model: LayeredModel) -> int:
+    """Activations of the largest prefill chunk (``max_prefill_tokens`` positions), see engine.memory."""
+    return model_activation_bytes(model, settings.max_prefill_tokens,
+                                  min(settings.max_model_len, model.max_positions))
 
 
 def slot_bytes(settings: EngineSettings, model: LayeredModel, depth: int) -> int:

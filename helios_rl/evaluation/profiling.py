@@ -126,7 +126,8 @@ def _measure(lm, ref: str, scenario: Scenario, timer: Timer, texts: list[str]) -
         kv_bytes_per_token_layer=lm.kv_bytes_per_token_layer(), hidden_size=lm.hidden_size,
         elem_bytes=torch.tensor([], dtype=lm.dtype).element_size(), max_positions=lm.max_positions,
         exit_layers=layers, heads="trained" if lm.heads.adapters else "shared", measure=ex.measure,
-        head_layers=sorted(lm.heads.adapters))
+        head_layers=sorted(lm.heads.adapters), intermediate_size=lm.intermediate_size, num_heads=lm.num_heads,
+        num_kv_heads=lm.num_kv_heads, head_dim=lm.head_dim)
     tok = lm.tokenizer
     prompts = [tok(t, add_special_tokens=True)["input_ids"][:48] for t in texts] if tok is not None else \
         [[(7 * i + j) % (lm.vocab_size - 3) + 3 for j in range(16)] for i in range(len(texts))]

@@ -154,6 +154,15 @@ class LayeredModel:
         return int(self.config.hidden_size)
 
     @property
+    def intermediate_size(self) -> int:
+        c = self.config
+        return int(getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or 4 * c.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
     def num_kv_heads(self) -> int:
         c = self.config
         return int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)

@@ -56,22 +56,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ideal_speedup(counts: np.ndarray, layers: list[int], costs, depth: int) -> float:
-    """Full-depth time over exit time per token, from the exit histogram and per-row costs (modelled)."""
-    L = depth
-    full = L * costs.layer + costs.final_head
-    lay = np.asarray(sorted(layers))
-    tot = full_tot = 0.0
-    for layer, n in enumerate(counts):
-        if not n:
-            continue
-        if layer >= L - 1:  # reached the last layer: every exit evaluated, then the LM head
-            t = L * costs.layer + len(lay) * costs.exit_eval + costs.final_head
-        else:
-            t = (layer + 1) * costs.layer + (int(np.searchsorted(lay, layer)) + 1) * costs.exit_eval
-        tot += n * t
-        full_tot += n * full
-    return full_tot / tot if tot else 1.0
+def ideal_speedup(counts: np.ndarray, layers: list[int], c1, cb, batch: int, L: int) -> float:
+    """What the measured exit histogram allows (modelled): full-depth step time over the step time if
+    every exited row cost nothing after its exit, with the measured costs of a layer, an exit
+    evaluation and the LM head at batch 1 (``c1``) and at ``batch`` (``cb``), linear in the rows in
+    between (a row fraction below one costs its share of batch 1)."""
+    p = counts / max(counts.sum(), 1)
+
+    def cost(one: float, many: float, n: float) -> float:
+        if n <= 1 or batch == 1:
+            return one * n
+        return one + (many - one) * (n - 1) / (batch - 1)
+
+    alive, t = float(batch), 0.0
+    for layer in range(L):
+        t += cost(c1.layer, cb.layer, alive)
+        if layer in layers and layer < L - 1:
+            t += cost(c1.exit_eval, cb.exit_eval, alive)
+            alive -= batch * float(p[layer])
+    t += cost(c1.final_head, cb.final_head, alive)
+    full = L * cb.layer + cb.final_head if batch > 1 else L * c1.layer + c1.final_head
+    return full / t if t > 0 else 1.0
 
 
 def serve(engine, prompts, cfg, new_tokens):
@@ -116,8 +121,9 @@ def main(argv=None) -> int:
     configs.update({f"target={t:g}": ServingConfig(target=t) for t in targets})
     max_len = args.max_prompt_tokens + args.max_new_tokens + 64
     results: dict = {}
+    c1 = measure_costs(model, heads, max(heads.adapters), batch=1)
     for batch in [int(b) for b in args.batches.split(",")]:
-        costs = measure_costs(model, heads, max(heads.adapters), batch=batch)
+        costs = c1 if batch == 1 else measure_costs(model, heads, max(heads.adapters), batch=batch)
         engines = {s: Engine(model, EngineSettings(max_batch=batch, max_model_len=max_len, kv_strategy=s))
                    for s in strategies}
         for eng in engines.values():  # warm-up: first calls allocate and dispatch slowly
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
                 np.add.at(counts, np.asarray(r.exit_layers[1:], dtype=np.int64), 1)  # decode tokens only
             good, total = teacher_forced_agreement(model, reqs) if name != "full" else (tokens, tokens)
             layers = list(heads.target(float(name.split("=")[1])).layers) if name != "full" else []
-            ideal = ideal_speedup(counts, layers, costs, model.num_layers) if name != "full" else 1.0
+            ideal = ideal_speedup(counts, layers, c1, costs, batch, model.num_layers) if name != "full" else 1.0
             speedup = tps / full_tps
             ratio = rows / np.maximum(full_rows, 1)
             rows_out[f"{s}/{name}"] = {

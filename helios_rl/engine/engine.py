@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -601,12 +602,13 @@ class Engine:
         if not exits:
             return [], {}
         logits = torch.stack([ex.logits for ex in exits])
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        bad = {k: "logits are not finite" for k, ok in enumerate(finite) if not ok}
         params = [rows[ex.index].params for ex in exits]
         gens = [rows[ex.index].generator for ex in exits]
         try:
-            ids = select_tokens(logits, params, gens).tolist()
+            tokens, top = select_tokens(logits, params, gens, with_max=True)
+            picked = torch.stack([tokens.to(top.dtype), top]).tolist()  # one host copy: ids and row maxima
+            ids = picked[0]
+            bad = {k: "logits are not finite" for k, v in enumerate(picked[1]) if not math.isfinite(v)}
         except RuntimeError as exc:  # a generator on another device, ...: report each row, keep serving
             return [-1] * len(exits), {k: str(exc) for k in range(len(exits))}
         return [int(t) for t in ids], bad

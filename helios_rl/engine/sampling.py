@@ -40,12 +40,14 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch
 
 
 def select_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Next token of every row of ``logits`` ``[N, V]`` under its own ``params`` (ids on the device)."""
-    greedy = torch.tensor([is_greedy(p) for p in params], device=logits.device)
-    out = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return out
+                  generators: list[torch.Generator | None], with_max: bool = False):
+    """Next token of every row of ``logits`` ``[N, V]`` under its own ``params`` (ids on the device).
+    ``with_max``: also each row's largest logit (one pass gives both; a non-finite one flags a bad row)."""
+    greedy_list = [is_greedy(p) for p in params]
+    top, out = logits.max(dim=-1)
+    if all(greedy_list):
+        return (out, top) if with_max else out
+    greedy = torch.tensor(greedy_list, device=logits.device)
     rows = torch.nonzero(~greedy).flatten()
     dev = logits.device
     sel = [params[i] for i in rows.tolist()]
@@ -57,7 +59,7 @@ def select_tokens(logits: torch.Tensor, params: list[SamplingParams],
     for j, i in enumerate(rows.tolist()):  # per-request streams: a seeded request is batch-independent
         noise[j].exponential_(1.0, generator=generators[i])
     out[rows] = (probs / noise).argmax(dim=-1)
-    return out
+    return (out, top) if with_max else out
 
 
 def select_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:

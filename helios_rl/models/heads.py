@@ -55,6 +55,9 @@ class Readout:
 
     def confidence(self, measure: str = "max_prob") -> torch.Tensor:
         if self.full is not None:
+            if measure == "max_prob":  # max and log-sum-exp: two reductions, no [N, V] probability tensor
+                z = self.full.float()
+                return torch.exp(z.amax(dim=-1) - torch.logsumexp(z, dim=-1))
             return confidence(self.full, measure)
         sub = self.sub.float()
         rest = self.vocab_size - sub.shape[-1]

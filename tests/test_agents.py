@@ -196,16 +196,6 @@ def test_compare_live_with_measured_cpu_timing(trained, tiny_scenario, tiny_prof
         assert len(eps) == 2 and all(e["served"] == e["requests"] for e in eps), m
 
 
-def test_stats_match_rliable_definitions():
-    from helios_rl.agents.stats import bootstrap_ci, iqm, prob_improvement
-
-    x = np.arange(1, 9, dtype=float).reshape(-1, 1)  # IQM of 1..8 = mean(3..6) = 4.5
-    assert iqm(x) == pytest.approx(4.5)
-    assert prob_improvement(x + 100, x) == 1.0 and prob_improvement(x, x) == pytest.approx(0.5)
-    lo, hi, _ = bootstrap_ci(iqm, [x], reps=300)
-    assert lo < 4.5 < hi
-
-
 @pytest.mark.parametrize("algo, text", [
     ("a2c", "helios_rl/Serving-Sim-v0: {policy: MlpPolicy, n_timesteps: 64, n_envs: 2, n_steps: 8}\n"),
     ("dqn", "helios_rl/Serving-SimFlat-v0: {policy: MlpPolicy, n_timesteps: 64, learning_starts: 16, "

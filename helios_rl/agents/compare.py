@@ -154,9 +154,10 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
         set_threads(prev_threads)
 
     policy_names = [m for m in methods if m.startswith("policy:")]
-    scores = {m: np.array([[e["goodput_tps"]] for e in eps]) for m, eps in episodes.items()}
-    if len(policy_names) > 1:  # several trained runs pooled as the method "rl" (runs x held-out seeds)
-        scores["rl"] = np.concatenate([scores[m] for m in policy_names])
+    # (runs, test seeds): one row per method here; several trained runs pool as "rl", one row per run
+    scores = {m: np.array([[e["goodput_tps"] for e in eps]]) for m, eps in episodes.items()}
+    if len(policy_names) > 1:
+        scores["rl"] = np.concatenate([scores[m] for m in policy_names], axis=0)
     reference = "helios" if "helios" in scores else next(iter(scores))
     stats = method_stats(scores, reference, reps=reps)
     rewards = {m: float(np.mean([e["reward"] for e in eps])) for m, eps in episodes.items()}

@@ -260,3 +260,22 @@ def test_helios_skips_a_profile_config_that_never_takes_effect():
         out = ctrl.decide(snap("b", 4))
     assert out is not None and out.model == "b" and ctrl.phase == "profile:b"
     assert ctrl.log[-2]["event"] == "profile-skipped"
+
+
+def test_aimd_cuts_the_batch_on_a_tpot_miss_and_grows_it_with_headroom():
+    from helios_rl.controllers.aimd import AimdController
+    from helios_rl.controllers.params import AimdParams
+
+    ctx = context(profile("a"), objective="goodput")
+    ctrl = AimdController(ctx, AimdParams(initial_batch=10, increase=3, decrease=0.5))
+    first = ctrl.decide(TelemetrySnapshot())
+    assert first.model == "a" and first.max_batch == 10
+    miss = TelemetrySnapshot(steps=5, requests_finished=3, tpot_p95=2.0, waiting=4)  # SLO tpot 1.0
+    assert ctrl.decide(miss).max_batch == 5
+    ok = TelemetrySnapshot(steps=5, requests_finished=3, tpot_p95=0.5, waiting=4)
+    assert ctrl.decide(ok).max_batch == 8
+    idle = TelemetrySnapshot(steps=5, requests_finished=3, tpot_p95=0.5, waiting=0)
+    assert ctrl.decide(idle) is None
+    for _ in range(200):
+        ctrl.decide(ok)
+    assert ctrl.cap == ctx.admissible("a", first.depth)  # never above what the budget admits

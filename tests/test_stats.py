@@ -52,3 +52,15 @@ def test_paired_comparison_of_methods_with_different_numbers_of_runs():
     assert "paired" in r["vs_base_ci_method"] and r["runs"] == 2 and r["tasks"] == 3
     with pytest.raises(ValueError, match="same 3 tasks"):
         stratified_bootstrap(ratio_of_iqms, [agent, np.ones((1, 4))], reps=10)
+
+
+def test_a_test_seed_used_for_training_is_refused(tiny_scenario, tiny_profile, tmp_path):
+    from helios_rl.agents.train import train
+    from helios_rl.seeds import TEST_SEED_BASE, SeedLeak
+
+    with pytest.raises(SeedLeak, match="seed 1000000 is not a development seed"):
+        train(str(tiny_scenario), "agents/ppo.yaml", seed=TEST_SEED_BASE, profile=str(tiny_profile),
+              out=str(tmp_path), progress=False, say=lambda s: None)
+    with pytest.raises(SeedLeak, match="its evaluation environment"):
+        train(str(tiny_scenario), "agents/ppo.yaml", seed=TEST_SEED_BASE - 10, profile=str(tiny_profile),
+              out=str(tmp_path), progress=False, say=lambda s: None)

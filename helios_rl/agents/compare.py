@@ -23,7 +23,7 @@ import numpy as np
 
 from helios_rl.utils.io import atomic_write_json, atomic_write_text
 
-BASELINES = ("static", "helios", "random", "best-static")
+BASELINES = ("static", "helios", "aimd", "random", "best-static")
 
 
 def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import numpy as np
 from helios_rl.agents.config import AgentConfig, load_agent
 from helios_rl.controllers.policy import algo_class
 from helios_rl.utils.io import atomic_write_json
+from helios_rl.seeds import dev_seed
 from helios_rl.utils.provenance import package_versions
 
 CHECKPOINT_RE = re.compile(r"rl_model_(\d+)_steps\.zip$")
@@ -108,6 +109,8 @@ def train(env: str | None, agent: str | Path, seed: int = 0, backend: str = "sim
 
     if backend not in ("sim", "live"):
         raise ValueError(f"--backend must be 'sim' or 'live', got {backend!r}")
+    dev_seed(seed, "helios-rl train --seed")
+    dev_seed(seed + EVAL_SEED_OFFSET, "helios-rl train (its evaluation environment)")
     sc = load_scenario(env)
     cfg = load_agent(agent, backend)
     if n_envs:

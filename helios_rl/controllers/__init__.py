@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from helios_rl.controllers.aimd import AimdController
 from helios_rl.controllers.base import OBJECTIVES, SLO, Controller, ControllerContext
 from helios_rl.controllers.helios import HeliosController
 from helios_rl.controllers.params import PARAMS, ParamError, parse_params
@@ -21,6 +22,7 @@ CONTROLLERS: dict[str, type[Controller]] = {
     "helios": HeliosController,
     "best-static": BestStaticController,
     "random": RandomController,
+    "aimd": AimdController,
 }
 
 
@@ -33,6 +35,6 @@ def make_controller(name: str, ctx: ControllerContext, params: Any = None) -> Co
     return CONTROLLERS[name](ctx, params)
 
 
-__all__ = ["CONTROLLERS", "OBJECTIVES", "PARAMS", "SLO", "BestStaticController", "Controller", "ControllerContext",
+__all__ = ["AimdController", "CONTROLLERS", "OBJECTIVES", "PARAMS", "SLO", "BestStaticController", "Controller", "ControllerContext",
            "HeliosController", "MemorySettings", "ModelFacts", "ModelProfile", "ParamError", "RandomController",
            "StaticController", "checkpoint_facts", "make_controller", "parse_params"]

@@ -175,8 +175,19 @@ class RandomParams:
     models: tuple[str, ...] | None = p(None, _str_list_or_none, "models to draw from (default: all candidates)")
 
 
+@dataclass(frozen=True)
+class AimdParams:
+    """SLO-aware AIMD on the batch cap (helios_rl.controllers.aimd)."""
+
+    model: str | None = p(None, optional(string), "model to serve (default: the scenario's first candidate)")
+    initial_batch: int = p(8, number(1, integer=True), "starting batch cap")
+    increase: int = p(2, number(1, integer=True), "additive increase while requests wait and TPOT has headroom")
+    decrease: float = p(0.7, number(0.0, 1.0, lo_open=True), "multiplicative decrease on an SLO miss")
+    headroom: float = p(0.8, number(0.0, 1.0, lo_open=True), "grow only while TPOT p95 < headroom x the SLO")
+
+
 PARAMS: dict[str, type] = {"static": StaticParams, "helios": HeliosParams, "best-static": BestStaticParams,
-                           "random": RandomParams}
+                           "random": RandomParams, "aimd": AimdParams}
 
 
 def parse_params(name: str, data: Any, where: str = "") -> Any:

@@ -324,8 +324,11 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
         key, _, msg = str(exc).partition(": ")
         raise ParamError(f"workload.{key}" if msg else "workload", msg or str(exc)) from None
     s = Keys(r.get("slo", lambda v, k: v, {}), "slo")
-    slo = SLO(ttft_s=s.get("ttft_s", number(0, lo_open=True), SLO.ttft_s),
-              tpot_s=s.get("tpot_s", number(0, lo_open=True), SLO.tpot_s),
+    ttft, rel_ttft = s.get("ttft_s", _slo_time, (SLO.ttft_s, None))
+    tpot, rel_tpot = s.get("tpot_s", _slo_time, (SLO.tpot_s, None))
+    slo = SLO(ttft_s=ttft, tpot_s=tpot,
+              relative=tuple(r for r in (("ttft_s", *rel_ttft) if rel_ttft else None,
+                                         ("tpot_s", *rel_tpot) if rel_tpot else None) if r),
               agreement_floor=s.get("agreement_floor", number(0, 1), SLO.agreement_floor),
               objective=s.get("objective", choice(OBJECTIVES), SLO.objective),
               reference_model=s.get("reference_model", string, None),
@@ -432,6 +435,30 @@ def _heads(v: Any, key: str) -> str | dict[str, str]:
 
 def _threshold(v: Any, key: str) -> float | None:
     return None if v == "calibrated" else number(0, 1)(v, key)
+
+
+def _slo_time(v: Any, key: str) -> tuple[float, tuple[float, int] | None]:
+    """Seconds, or ``{x_step: M, batch: B}``: M times the static model's full-depth decode step at batch B
+    on this machine (resolved from the calibrated profile, so the scenario poses the same problem on a
+    faster or slower machine)."""
+    if isinstance(v, dict):
+        k = Keys(v, key)
+        mult = k.get("x_step", number(0, lo_open=True), required=True)
+        batch = k.get("batch", number(1, integer=True), 1)
+        k.finish()
+        return float("nan"), (float(mult), int(batch))
+    return number(0, lo_open=True)(v, key), None
+
+
+def resolve_slo(sc: "Scenario", step_time) -> "Scenario":
+    """``sc`` with its relative SLOs in seconds: ``step_time(model, batch)`` is the full-depth decode step
+    of ``model`` at ``batch`` (from a calibrated profile); the model is the static baseline's."""
+    if not sc.slo.relative:
+        return sc
+    st = sc.controllers.get("static")
+    model = (st.model if st is not None and st.model else None) or sc.models[0]
+    values = {name: mult * step_time(model, batch) for name, mult, batch in sc.slo.relative}
+    return replace(sc, slo=replace(sc.slo, relative=(), **values))
 
 
 def _targets(v: Any, key: str) -> tuple[float, ...]:

@@ -124,6 +124,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
 
         profile = str(ensure_profile(sc, say=say))
     henv = HeliosServingEnv(sc, backend=backend, profile=profile)
+    sc = henv.scenario  # relative SLOs resolved on this machine
     seed_list = [HELDOUT_SEED_BASE + k for k in range(seeds)]
     try:
         ctx = _context(sc, henv, backend, say)
@@ -178,6 +179,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
                "episodes": episodes, "decisions": {m: getattr(c, "log", [])[:200] for m, c in methods.items()},
                "wall_s": round(wall, 1), "machine": machine_info(), "git": git_revision(),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "timing": sc.backend.timing,
+               "slo": {"ttft_s": sc.slo.ttft_s, "tpot_s": sc.slo.tpot_s, "agreement_floor": sc.slo.agreement_floor},
                "metric": "goodput_tps: output tokens/s of requests meeting the SLO (TTFT, TPOT) and the quality "
                "floors (free-running agreement >= slo.agreement_floor, measured on live, predicted on sim)"}
     results = _clean(results)

@@ -55,6 +55,13 @@ class SLO:
     objective: str = "throughput"
     reference_model: str | None = None
     max_reference_ppl: float | None = None
+    # SLOs written relative to the machine: (field, multiple, batch) = multiple x the static model's
+    # full-depth decode step time at that batch, resolved from the calibrated profile before use
+    relative: tuple = ()
+
+    @property
+    def resolved(self) -> bool:
+        return not self.relative
 
 
 @dataclass

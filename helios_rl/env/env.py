@@ -78,6 +78,14 @@ class HeliosServingEnv(gym.Env):
                                              action_mode=action_mode, noise=noise, randomize=randomize, clock=clock,
                                              timing=timing).items() if v is not None}
         self.scenario = load_scenario(scenario)
+        if self.scenario.slo.relative:  # SLOs relative to this machine: resolved from the calibrated profile
+            from helios_rl.env.profile import SimProfile, ensure_profile
+            from helios_rl.scenario import resolve_slo
+
+            ppath = ensure_profile(self.scenario, say=lambda m: print(m, file=sys.stderr, flush=True)) \
+                if profile in (None, "auto") else profile
+            prof = SimProfile.load(ppath)
+            self.scenario = resolve_slo(self.scenario, lambda m, b: prof.models[m].step_time(b))
         sc = self.scenario
         self.scenario_path = sc.path if isinstance(scenario, Scenario) or scenario is None else str(scenario)
         kind = backend or sc.backend.kind

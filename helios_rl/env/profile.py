@@ -130,6 +130,12 @@ class ModelSim:
             return "cal" if "cal" in keys else sorted(keys)[0]
         return min(numeric, key=lambda k: abs(float(k) - float(threshold)))
 
+    def step_time(self, batch: int, ctx_tokens: float = 64.0, depth: int | None = None) -> float:
+        """Fitted seconds of one full-depth (or ``depth``) decode step of ``batch`` rows without exits."""
+        c, d = self.step_coef, depth or self.num_layers
+        return (c["c0"] + c["c_depth"] * d + batch * (c["c_tok"] + c["c_row_layer"] * d + c["c_head"])
+                + c["c_ctx"] * d * batch * ctx_tokens)
+
     def load_seconds(self, from_depth: int, to_depth: int, with_base: bool) -> float:
         base = 0 if with_base or from_depth < 1 else self.weight_bytes[from_depth - 1]
         nbytes = self.weight_bytes[to_depth - 1] - base

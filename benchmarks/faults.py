@@ -41,19 +41,25 @@ from pathlib import Path
 import httpx
 
 PREFILL_PROBE = r"""
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from helios_rl.engine import Engine, EngineSettings, SamplingParams
 from helios_rl.models.registry import load_model
+
+def status(key):  # kB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
 chunk = int(sys.argv[1])
 model = load_model("smollm2-135m", heads="shared", progress=False)
 eng = Engine(model, EngineSettings(max_batch=1, max_model_len=2304, max_prefill_tokens=chunk))
 prompt = list(range(100, 100 + 2048))
 eng.generate([[5]], SamplingParams(max_new_tokens=1))  # warm-up: allocator and kernels
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set (VmHWM) to the current one
+base = status("VmRSS")
 eng.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"chunk": chunk, "peak_growth_kib": after - before,
+print(json.dumps({"chunk": chunk, "peak_growth_kib": status("VmHWM") - base, "rss_before_kib": base,
                   "prefill_steps": sum(1 for s in eng.telemetry.steps if s.prefill_tokens)}))
 """
 
@@ -127,7 +133,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--scenario", default="default")
     ap.add_argument("--disconnects", type=int, default=200)
+    ap.add_argument("--prefill-only", action="store_true", help="only the chunked-prefill memory probe")
     args = ap.parse_args(argv)
+    if args.prefill_only:
+        chunked, whole = prefill_probe(256), prefill_probe(4096)
+        print(json.dumps({"chunked": chunked, "whole": whole,
+                          "ratio": chunked["peak_growth_kib"] / max(whole["peak_growth_kib"], 1)}, indent=2))
+        return 0
     from helios_rl.scenario import load_scenario
     from helios_rl.server import BackgroundServer, ServerSettings, create_app, runtime_from_scenario
     from helios_rl.utils.provenance import git_revision

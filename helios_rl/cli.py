@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "helios_rl.commands.calibrate",
     "helios_rl.commands.fidelity",
     "helios_rl.commands.exits",
+    "helios_rl.commands.benchmark",
 )
 
 

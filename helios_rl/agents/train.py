@@ -80,7 +80,7 @@ def _vec_env(env_kwargs: dict, n_envs: int, seed: int, kind: str, monitor_dir: P
                         monitor_dir=str(monitor_dir) if monitor_dir else None)
 
 
-def _wandb_run(run_dir: Path, name: str, config: dict, mode: str | None):
+def _wandb_run(run_dir: Path, name: str, config: dict, mode: str | None, group: str | None = None):
     """A W&B run (offline unless WANDB_MODE / ``mode`` says otherwise) or None when disabled/unavailable."""
     mode = mode or os.environ.get("WANDB_MODE") or "offline"
     if mode == "disabled":
@@ -91,15 +91,17 @@ def _wandb_run(run_dir: Path, name: str, config: dict, mode: str | None):
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "helios_rl"), name=name, id=name.replace("/", "-"),
-                      dir=str(run_dir), config=config, mode=mode, sync_tensorboard=True, resume="allow",
+                      dir=str(run_dir), config=config, mode=mode, sync_tensorboard=True, resume="allow", group=group,
                       settings=wandb.Settings(console="off", x_disable_stats=True))
 
 
 def train(env: str | None, agent: str | Path, seed: int = 0, backend: str = "sim", timesteps: int | None = None,
           out: str | Path = "runs", profile: str | None = None, resume: str | Path | None = None,
           wandb_mode: str | None = None, n_envs: int | None = None, progress: bool = True,
-          device: str = "cpu", say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
-    """Train (or resume) one agent; returns the metrics written to ``metrics.json``."""
+          device: str = "cpu", say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+          wandb_group: str | None = None) -> dict[str, Any]:
+    """Train (or resume) one agent; returns the metrics written to ``metrics.json``. ``wandb_group``
+    groups the W&B run with others (e.g. every trial of one ``helios-rl benchmark``)."""
     import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
     from stable_baselines3.common.vec_env import VecNormalize
@@ -202,7 +204,7 @@ def train(env: str | None, agent: str | Path, seed: int = 0, backend: str = "sim
                                     save_vecnormalize=norm_kw is not None),
                  EvalCls(eval_env, n_eval_episodes=int(h["eval_episodes"]), eval_freq=eval_freq,
                          best_model_save_path=str(run_dir), log_path=str(run_dir), deterministic=True, verbose=0)]
-    wb = _wandb_run(run_dir, run_dir.name, config, wandb_mode)
+    wb = _wandb_run(run_dir, run_dir.name, config, wandb_mode, wandb_group)
     if wb is not None:
         from wandb.integration.sb3 import WandbCallback
 

@@ -127,6 +127,9 @@ class StaticParams:
     model: str | None = p(None, optional(string), "model to serve (default: the scenario's first candidate)")
     depth: int | None = p(None, optional(number(1, integer=True)), "loaded layers (default: all)")
     max_batch: int | None = p(None, optional(number(1, integer=True)), "batch cap (default: what the budget admits)")
+    setting: float | None = p(None, optional(number(0.0, 1.0, lo_open=True)),
+                              "exit setting: a precision target, or a raw threshold in threshold mode "
+                              "(default: the scenario's)")
 
 
 @dataclass(frozen=True)

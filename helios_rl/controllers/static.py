@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from helios_rl.controllers.base import Controller, ControllerContext
@@ -33,6 +35,10 @@ class StaticController(Controller):
         super().reset(seed)
         self._sent = False
 
+    def exit_choice(self) -> float | None:
+        """The exit setting served (None: the scenario's)."""
+        return getattr(self.params, "setting", None)
+
     def decide(self, telemetry: TelemetrySnapshot) -> ServingConfig | None:
         self.time = telemetry.time
         if self._sent:
@@ -40,8 +46,12 @@ class StaticController(Controller):
         model, depth, batch = self.target()
         self._sent = True
         self.phase = "serve"
-        self.note("serve", model=model, depth=depth, max_batch=batch)
-        return self.ctx.config(model, depth, batch)
+        setting = self.exit_choice()
+        self.note("serve", model=model, depth=depth, max_batch=batch, setting=setting)
+        cfg = self.ctx.config(model, depth, batch)
+        if setting is not None:
+            cfg = replace(cfg, **self.ctx.exit_kwargs(setting))
+        return cfg
 
 
 class BestStaticController(StaticController):
@@ -87,6 +97,9 @@ class BestStaticController(StaticController):
             raise RuntimeError("best-static has not been searched yet: the evaluation harness runs its grid "
                                "search in hindsight and then calls choose()")
         return self.chosen.model, self.chosen.depth, self.chosen.max_batch
+
+    def exit_choice(self) -> float | None:
+        return self.chosen.setting if self.chosen is not None else None
 
 
 class RandomController(Controller):

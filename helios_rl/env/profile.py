@@ -202,7 +202,7 @@ class SimProfile:
                                f"{scenario.engine.max_batch}")
 
 
-def default_profile_path(scenario) -> Path:
+def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path:
     """Where ``helios-rl calibrate`` keeps the profile of ``scenario`` when no ``--out`` is given: the
     cache, keyed by the scenario's name and a hash of its file (or its dict form)."""
     import hashlib
@@ -211,6 +211,8 @@ def default_profile_path(scenario) -> Path:
 
     src = Path(scenario.path) if scenario.path and scenario.path != "<dict>" else None
     text = src.read_bytes() if src is not None and src.exists() else repr(scenario).encode()
+    if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
+        text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]
     folder = cache_dir() / "profiles"
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,7 @@ def ensure_profile(scenario, say=lambda s: None, **calibrate_kwargs) -> Path:
     stale (another engine version or model)."""
     import fcntl
 
-    path = default_profile_path(scenario)
+    path = default_profile_path(scenario, calibrate_kwargs)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():

@@ -1,0 +1,1 @@
+"""Benchmark suites: plan, trials on Ray Tune, leaderboard (``helios-rl benchmark``)."""

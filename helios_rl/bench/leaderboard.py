@@ -1,0 +1,144 @@
+"""From finished evaluation shards to the leaderboard: statistics per scenario and backend, tables, plots.
+
+The score is episode goodput (output tokens per second of requests that met the SLO and the quality
+floors). Per scenario, backend and repeat, each method's scores form a ``(runs, test seeds)`` matrix
+(a trained agent has one run per training seed; a baseline one); see :mod:`helios_rl.agents.stats`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from helios_rl.agents.stats import iqm, method_stats, performance_profile, prob_improvement
+
+METRIC = "goodput_tps"
+
+
+def score_matrices(shards: list[dict], methods: dict[str, int]) -> dict[str, np.ndarray]:
+    """``{method: (runs, seeds)}`` from the shards of one scenario, backend and repeat (seeds sorted)."""
+    seeds = sorted(s["seed"] for s in shards)
+    by_seed = {s["seed"]: s["episodes"] for s in shards}
+    out = {}
+    for method, runs in methods.items():
+        out[method] = np.array([[by_seed[sd][f"{method}#{r}"][METRIC] for sd in seeds] for r in range(runs)])
+    return out
+
+
+def scenario_stats(scores: dict[str, np.ndarray], agents: list[str], baselines: list[str], reps: int = 2000,
+                   seed: int = 0) -> dict:
+    """IQMs with CIs, the best agent against the best baseline (paired CI), P(improvement) matrix, profiles."""
+    iq = {m: iqm(s) for m, s in scores.items()}
+    best_base = max((b for b in baselines if b in scores), key=lambda b: iq[b])
+    best_agent = max((a for a in agents if a in scores), key=lambda a: iq[a]) if any(a in scores for a in agents) \
+        else None
+    stats = method_stats(scores, best_base, reps=reps, seed=seed)
+    names = list(scores)
+    pim = {a: {b: (prob_improvement(scores[a], scores[b]) if a != b else None) for b in names} for a in names}
+    ref = iq[best_base] or 1.0
+    taus = np.linspace(0.0, 2.0, 41)
+    profile = performance_profile({m: s / ref for m, s in scores.items()}, taus)
+    out = {"methods": stats, "best_baseline": best_base, "best_agent": best_agent,
+           "ranking": sorted(names, key=lambda m: -iq[m]), "prob_improvement": pim,
+           "performance_profile": {"tau": taus.round(3).tolist(), "share_above": profile}}
+    if best_agent is not None:
+        row = stats[best_agent]
+        out["best_agent_vs_best_baseline_iqm"] = {"value": row[f"vs_{best_base}_iqm_ratio"],
+                                                  "ci": row[f"vs_{best_base}_ci"],
+                                                  "ci_method": row[f"vs_{best_base}_ci_method"],
+                                                  "prob_improvement": row[f"prob_improvement_vs_{best_base}"]}
+        lo = row[f"vs_{best_base}_ci"][0]
+        out["agent_wins"] = bool(row[f"vs_{best_base}_iqm_ratio"] >= 1.15 and lo > 1.0)
+    return out
+
+
+def repro(per_repeat: list[dict]) -> dict:
+    """Run-to-run spread of every method's IQM ratio to the best baseline, and whether the ranking held."""
+    if len(per_repeat) < 2:
+        return {"repeats": len(per_repeat), "repro_spread": None, "ranking_stable": None}
+    spreads = {}
+    for m in per_repeat[0]["methods"]:
+        vals = []
+        for rep in per_repeat:
+            b = rep["best_baseline"]
+            vals.append(1.0 if m == b else rep["methods"][m].get(f"vs_{b}_iqm_ratio", float("nan")))
+        vals = np.asarray(vals, dtype=float)
+        if np.all(np.isfinite(vals)) and vals.mean() > 0:
+            spreads[m] = float((vals.max() - vals.min()) / vals.mean())
+    rankings = [tuple(r["ranking"]) for r in per_repeat]
+    return {"repeats": len(per_repeat), "repro_spread": max(spreads.values()) if spreads else None,
+            "spread_by_method": spreads, "ranking_stable": all(r == rankings[0] for r in rankings),
+            "rankings": [list(r) for r in rankings]}
+
+
+def markdown(board: dict) -> str:
+    lines = [f"# Leaderboard: {board['suite']}", "",
+             f"- run `{board['run']}`; git {str(board.get('git'))[:12]}; {board['date']}; "
+             f"machine {board.get('machine')}; Ray {board.get('ray', {}).get('address')}",
+             f"- {board['config']['train_seeds']} training seeds (runs) x {board['config']['test_seeds']} test "
+             f"seeds (>= 1,000,000, never used for training or tuning); repeats: {board['config']['repeat']}"
+             + (" (QUICK configuration)" if board['config'].get('quick') else ""),
+             "- score: goodput (tok/s of requests meeting the SLO and the quality floors); IQM with 95 % CIs "
+             "(stratified bootstrap over runs; ratios paired over test seeds, rliable's protocol)", ""]
+    for key, sc in board["scenarios"].items():
+        lines += [f"## {key}", "", f"SLO: {sc.get('slo')}", ""]
+        lines += ["| method | runs | IQM goodput | 95 % CI | vs best baseline | 95 % CI | P(improve) |",
+                  "|---|---|---|---|---|---|---|"]
+        st = sc["stats"]
+        b = st["best_baseline"]
+        for m in st["ranking"]:
+            r = st["methods"][m]
+            ratio, ci = r.get(f"vs_{b}_iqm_ratio"), r.get(f"vs_{b}_ci")
+            lines.append(f"| {m}{' (best baseline)' if m == b else ''} | {r['runs']} | {r['iqm']:.2f} | "
+                         f"[{r['iqm_ci'][0]:.2f}, {r['iqm_ci'][1]:.2f}] | "
+                         + (f"{ratio:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {r[f'prob_improvement_vs_{b}']:.2f} |"
+                            if ratio is not None else "1 | - | - |"))
+        head = st.get("best_agent_vs_best_baseline_iqm")
+        rp = sc.get("repro", {})
+        if head:
+            verdict = "wins" if st.get("agent_wins") else "does not win (needs IQM ratio >= 1.15 and CI low > 1)"
+            lines += ["", f"Best agent `{st['best_agent']}` vs best baseline `{b}`: {head['value']:.3f} "
+                          f"[{head['ci'][0]:.3f}, {head['ci'][1]:.3f}]: the agent {verdict}."]
+        lines += [f"Reproducibility over {rp.get('repeats')} repeat(s): spread "
+                  f"{rp.get('repro_spread') if rp.get('repro_spread') is None else round(rp['repro_spread'], 4)}, "
+                  f"ranking stable: {rp.get('ranking_stable')}.", ""]
+    return "\n".join(lines)
+
+
+def plots(board: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, sc in board["scenarios"].items():
+        st = sc["stats"]
+        names = st["ranking"]
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
+        iq = [st["methods"][m]["iqm"] for m in names]
+        lo = [st["methods"][m]["iqm"] - st["methods"][m]["iqm_ci"][0] for m in names]
+        hi = [st["methods"][m]["iqm_ci"][1] - st["methods"][m]["iqm"] for m in names]
+        axes[0].bar(range(len(names)), iq, yerr=[lo, hi], capsize=4, color="#4c72b0")
+        axes[0].set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        axes[0].set_ylabel("IQM goodput (tok/s), 95 % CI")
+        prof = st["performance_profile"]
+        for m in names:
+            axes[1].plot(prof["tau"], prof["share_above"][m], label=m)
+        axes[1].set_xlabel("goodput / best baseline IQM (tau)")
+        axes[1].set_ylabel("share of runs x seeds above tau")
+        axes[1].legend(fontsize=7)
+        pim = np.array([[st["prob_improvement"][a][b] if a != b else np.nan for b in names] for a in names], float)
+        im = axes[2].imshow(pim, vmin=0, vmax=1, cmap="RdBu")
+        axes[2].set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        axes[2].set_yticks(range(len(names)), names, fontsize=7)
+        axes[2].set_title("P(row beats column)")
+        fig.colorbar(im, ax=axes[2], fraction=0.046)
+        fig.suptitle(key)
+        fig.tight_layout()
+        p = out / f"{key.replace('/', '__')}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p.name)
+    return paths

@@ -1,0 +1,186 @@
+"""The work of one benchmark trial (runs in a Ray worker; also callable directly).
+
+Each trial writes ``DIR/trials/<trial id>.json`` atomically when it finishes; a trial whose file exists
+is done (resume skips it). A worker process keeps one environment (and so one live engine) per
+scenario and backend across the evaluation shards it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from helios_rl.seeds import dev_eval_seeds, dev_seed, is_test_seed
+from helios_rl.utils.io import atomic_write_json
+
+_ENVS: dict[tuple, Any] = {}  # (scenario, backend, profile) -> HeliosServingEnv, kept for the worker's life
+_CTX: dict[tuple, Any] = {}
+
+
+def result_path(out: Path, trial_id: str) -> Path:
+    return Path(out) / "trials" / (trial_id.replace("/", "__") + ".json")
+
+
+def load_result(out: Path, trial_id: str) -> dict | None:
+    p = result_path(out, trial_id)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn file cannot exist (atomic writes), but a corrupt one is redone, not trusted
+
+
+def worker_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count()}
+
+
+def run_trial(spec: dict, cfg: dict, out: str) -> dict:
+    """Run the trial ``spec`` (``Trial.to_dict()``) of benchmark ``cfg`` into ``out``; returns its result."""
+    out_p = Path(out)
+    done = load_result(out_p, spec["id"])
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    if spec["kind"] == "prepare":
+        res = _prepare(spec, cfg, out_p)
+    elif spec["kind"] == "train":
+        res = _train(spec, cfg, out_p)
+    elif spec["kind"] == "eval":
+        res = _eval(spec, cfg, out_p)
+    else:
+        raise ValueError(f"unknown trial kind {spec['kind']!r}")
+    res.update(trial=spec, seconds=round(time.perf_counter() - t0, 2), worker=worker_info(),
+               finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    atomic_write_json(result_path(out_p, spec["id"]), res)
+    return res
+
+
+# ----------------------------------------------------------------------------- prepare
+def _profile(sc, cfg: dict) -> str:
+    from helios_rl.env.profile import ensure_profile
+
+    kwargs = {"min_tokens": cfg["calib_min_tokens"]} if cfg["calib_min_tokens"] != 1000 else {}
+    return str(ensure_profile(sc, **kwargs))
+
+
+def _context(env, sc) -> Any:
+    key = (sc.path, id(env))
+    if key not in _CTX:
+        from helios_rl.controllers import ControllerContext
+        from helios_rl.evaluation.profiling import ensure_repository
+        from helios_rl.evaluation.runtime import ModelLoader, Timer
+
+        loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
+        profiles = ensure_repository(sc, loader, Timer(sc.backend.timing), lambda s: None)
+        _CTX[key] = ControllerContext.for_scenario(env.scenario, profiles)
+    return _CTX[key]
+
+
+def _env(path: str, backend: str, profile: str):
+    key = (path, backend, profile)
+    if key not in _ENVS:
+        from helios_rl.env.env import HeliosServingEnv
+
+        _ENVS[key] = HeliosServingEnv(path, backend=backend, profile=profile)
+    return _ENVS[key]
+
+
+def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
+    """Calibrate, resolve the SLOs, and search the best static config on development seeds (simulator)."""
+    from helios_rl.agents.compare import run_episode
+    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.static import StaticController
+    from helios_rl.scenario import load_scenario
+
+    sc = load_scenario(spec["scenario"])
+    profile = _profile(sc, cfg)
+    env = _env(spec["scenario"], "sim", profile)
+    ctx = _context(env, sc)
+    seeds = [dev_seed(s, "best-static search") for s in dev_eval_seeds(cfg["best_static_seeds"])]
+    grid = []
+    for model in env.models:
+        depths = env.depth_values[model] if isinstance(env.depth_values, dict) else env.depth_values
+        for depth in depths:
+            adm = ctx.admissible(model, depth)
+            if adm < 1:
+                continue
+            for batch in sorted({adm, max(1, adm // 2), max(1, adm // 4)}):
+                for setting in env.thresholds:
+                    grid.append(StaticParams(model=model, depth=int(depth), max_batch=int(batch),
+                                             setting=float(setting)))
+    if len(grid) > cfg["best_static_points"] * 8:  # evenly thinned, full-depth points kept
+        step = len(grid) / (cfg["best_static_points"] * 8)
+        grid = [grid[int(i * step)] for i in range(cfg["best_static_points"] * 8)]
+    table = []
+    for point in grid:
+        eps = [run_episode(env, StaticController(ctx, point), s) for s in seeds]
+        table.append({"point": {k: getattr(point, k) for k in ("model", "depth", "max_batch", "setting")},
+                      "goodput_tps": sum(e["goodput_tps"] for e in eps) / len(eps)})
+    best = max(table, key=lambda r: r["goodput_tps"])
+    slo = env.scenario.slo
+    return {"profile": profile, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
+                                        "agreement_floor": slo.agreement_floor,
+                                        "relative": [list(r) for r in load_scenario(spec["scenario"]).slo.relative]},
+            "best_static": best, "best_static_seeds": seeds, "best_static_grid": table}
+
+
+# ----------------------------------------------------------------------------- train
+def _train(spec: dict, cfg: dict, out: Path) -> dict:
+    from helios_rl.agents.train import train
+
+    prep = load_result(out, f"prepare/{Path(spec['scenario']).stem}")
+    if prep is None:
+        raise RuntimeError(f"{spec['id']}: its scenario was not prepared")
+    m = train(spec["scenario"], str(Path(cfg["agents_dir"]) / f"{spec['agent']}.yaml"), seed=spec["seed"],
+              backend="sim", timesteps=cfg["timesteps"], out=str(out / "runs"), profile=prep["profile"],
+              progress=False, say=lambda s: None, wandb_group=out.name)
+    return {"run_dir": m["run_dir"], "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float, str))}}
+
+
+# ----------------------------------------------------------------------------- eval
+def _eval(spec: dict, cfg: dict, out: Path) -> dict:
+    """Every method on one test seed, in an order rotated by the seed (interleaved across shards)."""
+    from helios_rl.agents.compare import run_episode
+    from helios_rl.controllers import make_controller
+    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.policy import load_policy
+    from helios_rl.controllers.static import StaticController
+    from helios_rl.scenario import load_scenario
+
+    if not is_test_seed(spec["seed"]):
+        raise ValueError(f"{spec['id']}: reported figures use test seeds only, got {spec['seed']}")
+    sc = load_scenario(spec["scenario"])
+    name = Path(spec["scenario"]).stem
+    prep = load_result(out, f"prepare/{name}")
+    env = _env(spec["scenario"], spec["backend"], prep["profile"])
+    ctx = _context(env, sc)
+    methods: list[tuple[str, str, Any]] = []  # (method, run label, controller)
+    for b in cfg["baselines"]:
+        if b == "best-static":
+            methods.append((b, "0", StaticController(ctx, StaticParams(**prep["best_static"]["point"]))))
+        else:
+            methods.append((b, "0", make_controller(b, ctx, sc.params(b))))
+    for agent in cfg["agents"]:
+        for k in range(cfg["train_seeds"]):
+            tr = load_result(out, f"train/{name}/{agent}/{k}")
+            if tr is None:
+                raise RuntimeError(f"{spec['id']}: training trial train/{name}/{agent}/{k} has no result")
+            methods.append((agent, str(k), load_policy(tr["run_dir"], ctx)))
+    shift = spec["seed"] % len(methods)
+    order = methods[shift:] + methods[:shift]
+    episodes = {}
+    for method, run, ctrl in order:
+        ep = run_episode(env, ctrl, spec["seed"])
+        episodes[f"{method}#{run}"] = {k: ep[k] for k in ("goodput_tps", "reward", "tokens_per_s", "ttft_p95",
+                                                          "tpot_p95", "served", "requests", "switches", "agreement",
+                                                          "agreement_source", "failure")}
+    return {"scenario": name, "backend": spec["backend"], "seed": spec["seed"], "repeat": spec["repeat"],
+            "timing": env.scenario.backend.timing if spec["backend"] == "live" else "sim",
+            "order": [f"{m}#{r}" for m, r, _ in order], "episodes": episodes}

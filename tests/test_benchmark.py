@@ -1,0 +1,99 @@
+"""``helios-rl benchmark`` end to end on tiny models: a local Ray instance with two workers, the
+leaderboard's statistics, and a resume after the process is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+AGENTS = {
+    "ppo": "helios_rl/Serving-Sim-v0: {policy: MlpPolicy, n_timesteps: 64, n_envs: 1, n_steps: 32, batch_size: 16}\n",
+    "dqn": "helios_rl/Serving-SimFlat-v0: {policy: MlpPolicy, n_timesteps: 64, learning_starts: 16, "
+           "buffer_size: 200, batch_size: 8}\n",
+}
+
+
+@pytest.fixture
+def tiny_suite(tiny_scenario, tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    text = tiny_scenario.read_text()
+    (suite / "a.yaml").write_text(text.replace("name: tiny-env", "name: tiny-a-suite"))
+    (suite / "b.yaml").write_text(text.replace("name: tiny-env", "name: tiny-b-suite")
+                                  .replace("rate: 300.0", "rate: 150.0"))
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    for name, body in AGENTS.items():
+        (agents / f"{name}.yaml").write_text(body)
+    return suite, agents
+
+
+def cli(suite, agents, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "helios_rl.cli", "benchmark", str(suite), "--out", str(out), "--agents", "ppo,dqn",
+            "--baselines", "static,best-static,helios,aimd", "--train-seeds", "2", "--test-seeds", "2",
+            "--agents-dir", str(agents), "--workers", "2", *extra]
+
+
+def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path):
+    suite, agents = tiny_suite
+    out = tmp_path / "bench"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(cli(suite, agents, out, "--repeat", "2"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill it once the training wave has begun to finish
+        if len(list((out / "trials").glob("train__*.json"))) >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"benchmark exited early: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.read_text() for p in (out / "trials").glob("*.json")}
+    assert any(n.startswith("prepare__") for n in done_before) and not (out / "leaderboard.json").exists()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    res = subprocess.run(cli(suite, agents, out, "--repeat", "2"), env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already done (resumed)" in res.stdout
+    for name, text in done_before.items():  # finished trials were not run again
+        assert (out / "trials" / name).read_text() == text
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert set(board["summary"]) == {"a/sim", "a/live", "b/sim", "b/live"}
+    for key, row in board["summary"].items():
+        assert row["train_seeds"] == 2 and row["test_seeds"] == 2
+        lo, hi = row["ci"]
+        assert lo <= row["best_agent_vs_best_baseline_iqm"] <= hi
+        assert row["repro_spread"] is not None and isinstance(row["ranking_stable"], bool)
+        sc = board["scenarios"][key]["stats"]
+        assert sc["methods"]["ppo"]["runs"] == 2 and sc["methods"]["static"]["runs"] == 1
+        assert sc["methods"]["ppo"]["tasks"] == 2
+    shards = [json.loads(p.read_text()) for p in (out / "trials").glob("eval__*.json")]
+    assert all(s["seed"] >= 1_000_000 for s in shards)
+    assert all(s["worker"]["host"] for s in shards)
+    assert (out / "leaderboard.md").read_text().startswith("# Leaderboard")
+    assert all((out / p).stat().st_size > 1000 for p in board["plots"])
+    live = [s for s in shards if s["backend"] == "live"]
+    assert live and all(e["agreement_source"] == "measured" for s in live for e in s["episodes"].values()
+                        if e["agreement"] is not None)
+
+
+def test_another_configuration_cannot_resume_into_the_same_folder(tiny_suite, tmp_path):
+    from helios_rl.bench.plan import BenchConfig, suite_scenarios
+    from helios_rl.bench.runner import run_benchmark
+
+    suite, agents = tiny_suite
+    out = tmp_path / "b2"
+    out.mkdir()
+    (out / "benchmark.json").write_text(json.dumps({"fingerprint": "other", "config": {}}))
+    cfg = BenchConfig(scenarios=suite_scenarios(suite), agents=("ppo",), train_seeds=1, test_seeds=1)
+    with pytest.raises(ValueError, match="another configuration"):
+        run_benchmark(cfg, out, str(suite))

@@ -64,3 +64,14 @@ def test_a_test_seed_used_for_training_is_refused(tiny_scenario, tiny_profile, t
     with pytest.raises(SeedLeak, match="its evaluation environment"):
         train(str(tiny_scenario), "agents/ppo.yaml", seed=TEST_SEED_BASE - 10, profile=str(tiny_profile),
               out=str(tmp_path), progress=False, say=lambda s: None)
+
+
+def test_leaderboard_row_from_a_compare_result():
+    from helios_rl.bench.leaderboard import leaderboard_row
+
+    res = {"scenario": "s", "backend": "live", "seeds": [1_000_000, 1_000_001, 1_000_002],
+           "episodes": {"policy:run0": [{"goodput_tps": v} for v in (6.0, 7.0, 8.0)],
+                        "static": [{"goodput_tps": v} for v in (3.0, 3.5, 4.0)],
+                        "helios": [{"goodput_tps": v} for v in (4.0, 4.5, 5.0)]}}
+    row = leaderboard_row(res)
+    assert row.startswith("| s | live | policy:run0 | helios | 1.556 |"), row

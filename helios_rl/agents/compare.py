@@ -38,6 +38,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     env.reset(seed=seed, options={"config": init})
     reward, good, steps, switches = 0.0, 0, 0, 0
     agree_sum, agree_tokens = 0.0, 0
+    early, exited_total = 0, 0
     terms: dict[str, float] = {}
     configs = [dict(init)]
     info: dict = {}
@@ -48,6 +49,10 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
         reward += r
         good += info["goodput_tokens"]
         steps += 1
+        tel = info["telemetry"]
+        counts = tel.get("exit_counts") or []
+        exited_total += int(sum(counts))
+        early += int(sum(counts[: max(0, tel.get("num_layers", len(counts)) - 1)]))  # before the model's last layer
         scored = (info.get("scored") or {}).get("tokens", 0)
         if info.get("agreement") is not None and scored:
             agree_sum, agree_tokens = agree_sum + info["agreement"] * scored, agree_tokens + scored
@@ -67,6 +72,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
             "served": summ["served"], "requests": summ["requests"], "elapsed_s": summ["elapsed_s"], "steps": steps,
             "switches": switches, "configs": configs, "failure": info.get("failure"),
             "agreement": agree_sum / agree_tokens if agree_tokens else None,
+            "early_exit_share": early / exited_total if exited_total else 0.0,
             "agreement_source": "measured" if env.kind == "live" else "predicted"}
 
 

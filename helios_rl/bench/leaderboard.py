@@ -53,6 +53,28 @@ def scenario_stats(scores: dict[str, np.ndarray], agents: list[str], baselines: 
     return out
 
 
+def leaderboard_row(results: dict) -> str:
+    """One leaderboard row from a ``helios-rl compare`` result: the best agent against the best baseline
+    (IQM ratio, paired CI), as the benchmark reports it."""
+    eps = results["episodes"]
+    agents = [m for m in eps if m.startswith("policy:")]
+    baselines = [m for m in eps if not m.startswith("policy:")]
+    seeds = results["seeds"]
+    scores = {m: np.array([[e["goodput_tps"] for e in eps[m]]]) for m in eps}
+    if len(seeds) and any(len(v[0]) != len(seeds) for v in scores.values()):
+        raise ValueError("every method must be scored on the same seeds")
+    st = scenario_stats(scores, agents, baselines, reps=2000)
+    head = st.get("best_agent_vs_best_baseline_iqm")
+    if head is None:
+        return f"| {results['scenario']} | {results['backend']} | (no agent) | {st['best_baseline']} | - | - |"
+    return (f"| {results['scenario']} | {results['backend']} | {st['best_agent']} | {st['best_baseline']} | "
+            f"{head['value']:.3f} | [{head['ci'][0]:.3f}, {head['ci'][1]:.3f}] |")
+
+
+LEADERBOARD_HEADER = ("| scenario | backend | best agent | best baseline | IQM goodput ratio | 95 % CI (paired) |\n"
+                      "|---|---|---|---|---|---|")
+
+
 def repro(per_repeat: list[dict]) -> dict:
     """Run-to-run spread of every method's IQM ratio to the best baseline, and whether the ranking held."""
     if len(per_repeat) < 2:

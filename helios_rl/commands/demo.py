@@ -3,8 +3,10 @@
 1. prepare the bundled SmolLM2-135M and Gemma3-270M (converted once, cached);
 2. calibrate the simulator on the live engine (once per scenario and engine version, cached);
 3. train a short PPO in the simulator (``helios_rl/agents/presets/ppo.yaml``);
-4. compare it with the static and HELIOS baselines on the live engine, on held-out workload seeds;
-5. print the table; results.json, results.md and plots land in the run folder.
+4. compare it with the static, HELIOS and AIMD baselines on the live engine, on held-out test seeds;
+5. print the table, the share of tokens that left before the last layer, and the scenario's leaderboard
+   row (best agent against best baseline, IQM ratio with a paired CI); results.json, results.md and
+   plots land in the run folder.
 
 The scenario is ``helios_rl/scenarios/default.yaml`` (a load and task-mix shift under a 1 GiB budget).
 """
@@ -34,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    import numpy as np
+
     from helios_rl.agents.compare import compare, markdown
+    from helios_rl.bench.leaderboard import LEADERBOARD_HEADER, leaderboard_row
     from helios_rl.agents.train import train
     from helios_rl.controllers.repository import checkpoint_facts
     from helios_rl.env.profile import ensure_profile
@@ -61,10 +66,14 @@ def run(args: argparse.Namespace) -> int:
     stamps["train"] = time.perf_counter() - t0
     console.rule(f"4/4 live comparison: PPO vs static vs HELIOS, {args.seeds} held-out seeds")
     out = Path(args.out) / f"{sc.name}__compare__{int(time.time())}"
-    res = compare(args.env, [m["run_dir"]], ["static", "helios"], seeds=args.seeds, backend="live", out=out,
+    res = compare(args.env, [m["run_dir"]], ["static", "helios", "aimd"], seeds=args.seeds, backend="live", out=out,
                   profile=str(profile), say=say)
     stamps["compare"] = time.perf_counter() - t0
     print(markdown(res))
+    share = {mth: round(float(np.mean([e["early_exit_share"] for e in eps])), 3) for mth, eps in res["episodes"].items()}
+    print(f"tokens leaving before the last layer (live): {share}")
+    print("\nLeaderboard row (the default scenario, live, held-out seeds; `helios-rl benchmark envs/suite` for the "
+          "suite):\n" + LEADERBOARD_HEADER + "\n" + leaderboard_row(res))
     print(f"plots: {', '.join(str(out / p) for p in res['plots'])}")
     print(f"deploy the policy: helios-rl serve {sc.path} --controller policy:{m['run_dir']}")
     print("elapsed: " + ", ".join(f"{k} done at {v:.0f} s" for k, v in stamps.items()), file=sys.stderr)

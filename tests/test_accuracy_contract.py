@@ -156,3 +156,23 @@ def test_sim_draws_agreement_per_task_so_a_task_mix_shift_changes_the_prediction
     assert a["chat"] != a["completion"], "the tasks' measured agreements differ on these prompts"
     lo, hi = point["agreement_ci"]
     assert lo <= point["agreement"] <= hi
+
+
+def test_a_reference_perplexity_floor_binds_goodput_on_both_backends(probe_scenario, tmp_path):
+    from helios_rl.env.calibrate import calibrate
+    from helios_rl.scenario import Scenario
+
+    strict = tmp_path / "strict.yaml"  # no served text is that unsurprising to the reference model
+    strict.write_text(probe_scenario.read_text().replace("agreement_floor: 0.9,", "agreement_floor: 0.0, "
+                                                                                  "max_reference_ppl: 1.001,"))
+    prof = tmp_path / "strict.json"
+    calibrate(Scenario.from_yaml(strict), thresholds=(0.95,), batches=(1,), prompts=2, new_tokens=4,
+              min_tokens=60).save(prof)
+    point = next(iter(next(iter(__import__("helios_rl.env.profile", fromlist=["SimProfile"]).SimProfile.load(prof)
+                                .models.values())).exits.values()))
+    assert point["request_ppl"] and min(point["request_ppl"]) > 1.001
+    for backend in ("live", "sim"):
+        env = HeliosServingEnv(str(strict), backend=backend, profile=str(prof))
+        _, good, infos = run_policy(env, full)
+        env.close()
+        assert good == 0 and sum(i["slo_met"] for i in infos) > 0, backend  # on time, but not good enough

@@ -66,7 +66,7 @@ def accuracy_prompts(sc, min_tokens: int, new_tokens: int) -> tuple[list[tuple[s
     return items, each
 
 
-def point_stats(reqs, tasks: list[str], ref: list[list[int]], L: int) -> dict:
+def point_stats(reqs, tasks: list[str], ref: list[list[int]], L: int, ppl: list[float] | None = None) -> dict:
     """Exit distribution, breach rate, confidence and free-running agreement of one grid point's requests,
     overall and per task, with every request's agreement (the simulator draws from them) and a 95 %
     normal interval of the mean agreement over requests."""
@@ -88,10 +88,13 @@ def point_stats(reqs, tasks: list[str], ref: list[list[int]], L: int) -> dict:
         half = 1.96 * float(a.std(ddof=1)) / math.sqrt(len(a)) if len(a) > 1 else 1.0
         total = sum(len(reqs[i].output_ids) for i in rows)
         mean = match / total if total else 1.0
-        return {"p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches / tokens if tokens else 0.0,
-                "agreement": mean, "agreement_ci": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)],
-                "request_agreements": [round(float(x), 4) for x in a], "conf": float(np.mean(conf)) if conf else 0.0,
-                "tokens": int(total), "requests": len(rows)}
+        out = {"p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches / tokens if tokens else 0.0,
+               "agreement": mean, "agreement_ci": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)],
+               "request_agreements": [round(float(x), 4) for x in a], "conf": float(np.mean(conf)) if conf else 0.0,
+               "tokens": int(total), "requests": len(rows)}
+        if ppl is not None:  # the reference model's perplexity of each request's text (same order)
+            out["request_ppl"] = [round(float(ppl[i]), 4) for i in rows]
+        return out
 
     out = agg(list(range(len(reqs))))
     out["by_task"] = {t: agg([i for i, x in enumerate(tasks) if x == t]) for t in sorted(set(tasks))}
@@ -242,6 +245,20 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     exit_stats, seen = {}, {}
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
     t_acc = time.perf_counter()
+    scorer = None
+    if sc.slo.max_reference_ppl is not None:  # the quality floor on the reference model's perplexity
+        from helios_rl.evaluation.scorer import ServedScorer
+
+        scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"), sc.engine.max_model_len + 64,
+                              sc.reference_model())
+
+    def reference_ppl(reqs, prompts) -> list[float]:
+        out = []
+        for r, p in zip(reqs, prompts):
+            nll, n = scorer._reference_nll(p, r.output_text)
+            out.append(math.exp(nll / n) if n else float("inf"))
+        return out
+
     for d in depths:
         for thr in thr_grid:
             engine.apply(ServingConfig(depth=d, measure=sc.exits.measure,
@@ -250,11 +267,14 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             pol = engine._policy  # settings whose exits are identical at this depth are served once
             key = (d, tuple(sorted(pol.layers)), tuple(sorted((l, pol.thresholds.get(l)) for l in pol.layers)))
             if key not in seen:
-                seen[key] = point_stats(run(d, thr, min(cap, admissible[d - 1]), items), tasks, ref, L)
+                reqs = run(d, thr, min(cap, admissible[d - 1]), items)
+                seen[key] = point_stats(reqs, tasks, ref, L, reference_ppl(reqs, items) if scorer else None)
             exit_stats[f"{d}:{thr_key(thr)}"] = {**seen[key], "layers": [int(l) for l in layers_for(thr)]}
         say(f"  {name}: depth {d}/{L}: {len(thr_grid)} exit settings profiled "
             f"({len(items)} prompts x {new_tokens} tokens per point)")
     say(f"  {name}: accuracy points took {time.perf_counter() - t_acc:.0f} s")
+    if scorer is not None:
+        scorer.close()
     default_thr = sc.exits.setting
     for d in sorted({depths[0], depths[-1]}):
         # the sweep always reaches the largest batch the budget admits at this depth: a step-time model

@@ -356,6 +356,7 @@ class EngineLoop:
         self.metrics.steps.inc()
         if self.state.unavailable != self.engine.unavailable:
             self.state = self._public()  # /health tells the truth from the next request on
+            self.metrics.available.set(0 if self.engine.unavailable else 1)
         if not events:
             return
         self.metrics.observe_exits(model, (ev.exit_layer for ev in events))
@@ -457,6 +458,7 @@ class EngineLoop:
             if self.control is not None:
                 self.control.rejected(d, f"{type(exc).__name__}: {exc}")
             self.state = self._public()
+            self.metrics.available.set(0 if self.engine.unavailable else 1)
             return
         self.metrics.decisions.labels(d.source, "applied").inc()
         self.state = self._public()

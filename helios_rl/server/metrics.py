@@ -88,6 +88,9 @@ class ServerMetrics:
                                     registry=r)
         self.overrides = Counter("helios_admin_overrides", "Admin config overrides", ["result"], registry=r)
         self.engine_errors = Counter("helios_engine_errors", "Engine steps that raised", registry=r)
+        self.available = Gauge("helios_engine_available", "1 while the engine can serve, 0 while it cannot "
+                               "(see /health for why)", registry=r)
+        self.available.set(1)
         self.steps = Counter("helios_engine_steps", "Engine steps", registry=r)
         self._layers_seen: set[tuple[str, int]] = set()
 

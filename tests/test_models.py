@@ -99,3 +99,16 @@ def test_fused_projections_keep_the_layer_output(tiny_dirs, family):
         tables = m.family.position_tables(h, pos)
         outs.append(m.family.run_layer(1, h, mask, None, tables, pos))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+def test_head_linear_equals_linear_in_either_orientation(rows):
+    from helios_rl.models.kernels import head_linear
+
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(5000, 32, generator=g), torch.randn(5000, generator=g)
+    x = torch.randn(rows, 32, generator=g)
+    for bias in (None, b):
+        torch.testing.assert_close(head_linear(x, w, bias), torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+    x3 = torch.randn(1, rows, 32, generator=g)  # a [1, N, K] batch of packed rows
+    torch.testing.assert_close(head_linear(x3, w), torch.nn.functional.linear(x3, w), rtol=1e-5, atol=1e-4)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from helios_rl.models.heads import ExitHeads, Readout
+from helios_rl.models.kernels import head_linear
 
 
 class TunedAdapter(nn.Module):
@@ -109,7 +110,7 @@ class TunedExitHeads(ExitHeads):
             bias = getattr(self._head, "bias", None)  # training in float32 over a lower/higher-precision model
             z = nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
         else:
-            z = nn.functional.linear(x, self.sub_weight, self.sub_bias)
+            z = head_linear(x, self.sub_weight, self.sub_bias)
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z, None if self.vocab_ids is None else adapter.other(x)[..., 0]

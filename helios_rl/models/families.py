@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from helios_rl.models.kernels import head_linear
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma2", "gemma", "opt")
 
 
@@ -174,7 +176,8 @@ class FamilyAdapter:
         return self.base.norm(h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(h)
+        head = self.model.lm_head
+        logits = head_linear(h, head.weight, head.bias)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

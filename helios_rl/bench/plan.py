@@ -22,6 +22,7 @@ from pathlib import Path
 from helios_rl.seeds import test_seeds
 
 AGENTS = ("ppo", "maskable_ppo", "dqn")
+QUICK = ("steady", "exit-lever")
 BASELINES = ("static", "best-static", "helios", "aimd", "random")
 
 
@@ -53,10 +54,12 @@ class BenchConfig:
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
-    """The reduced configuration ``--quick`` runs: the first two scenarios, PPO and DQN, 2 training seeds of
-    2,048 steps, 2 test seeds, static / best-static / HELIOS / AIMD baselines, the live backend on the first
-    scenario only, calibration on 300 tokens per point."""
-    scen = cfg.scenarios[:2]
+    """The reduced configuration ``--quick`` runs: two scenarios (the suite's ``steady`` and ``exit-lever`` where
+    present, else its first two), PPO and DQN, 2 training seeds of 2,048 steps, 2 test seeds, static /
+    best-static / HELIOS / AIMD baselines, the live backend on the first scenario only, calibration on 300
+    tokens per point."""
+    preferred = [s for name in QUICK for s in cfg.scenarios if Path(s).stem == name]
+    scen = (preferred if len(preferred) == 2 else cfg.scenarios)[:2]
     return BenchConfig(scenarios=scen, agents=("ppo", "dqn"), baselines=("static", "best-static", "helios", "aimd"),
                        train_seeds=2, test_seeds=2, timesteps=2048, backends=cfg.backends,
                        live_scenarios=scen[:1], repeat=cfg.repeat, calib_min_tokens=300, best_static_seeds=2,

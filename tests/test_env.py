@@ -11,8 +11,8 @@ import pytest
 
 import helios_rl.env  # noqa: F401  (registers the environments)
 from helios_rl.env.env import HeliosServingEnv
-from helios_rl.env.profile import ProfileError, SimProfile
-from helios_rl.scenario import Scenario, ScenarioError
+from helios_rl.env.profile import ProfileError
+from helios_rl.scenario import ScenarioError
 
 
 

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
-import torch
 
 from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.engine import Engine

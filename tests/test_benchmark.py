@@ -35,16 +35,17 @@ def tiny_suite(tiny_scenario, tmp_path):
 
 
 def cli(suite, agents, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "helios_rl.cli", "benchmark", str(suite), "--out", str(out), "--agents", "ppo,dqn",
+    # suite and agents relative to the command's folder, as a user types them (Ray Tune runs trials elsewhere)
+    return [sys.executable, "-m", "helios_rl.cli", "benchmark", suite.name, "--out", str(out), "--agents", "ppo,dqn",
             "--baselines", "static,best-static,helios,aimd", "--train-seeds", "2", "--test-seeds", "2",
-            "--agents-dir", str(agents), "--workers", "2", *extra]
+            "--agents-dir", agents.name, "--workers", "2", *extra]
 
 
 def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path):
     suite, agents = tiny_suite
     out = tmp_path / "bench"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.Popen(cli(suite, agents, out, "--repeat", "2"), env=env, start_new_session=True,
+    proc = subprocess.Popen(cli(suite, agents, out, "--repeat", "2"), env=env, start_new_session=True, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline:  # kill it once the training wave has begun to finish
@@ -59,7 +60,7 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
     assert any(n.startswith("prepare__") for n in done_before) and not (out / "leaderboard.json").exists()
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     res = subprocess.run(cli(suite, agents, out, "--repeat", "2"), env=env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "already done (resumed)" in res.stdout
     for name, text in done_before.items():  # finished trials were not run again

@@ -66,6 +66,29 @@ def test_a_test_seed_used_for_training_is_refused(tiny_scenario, tiny_profile, t
               out=str(tmp_path), progress=False, say=lambda s: None)
 
 
+def test_train_cli_trains_one_run_per_seed_and_refuses_a_test_seed_before_training(tiny_scenario, tiny_profile,
+                                                                                  tmp_path, capsys):
+    import json
+
+    from helios_rl.cli import main
+
+    agent = tmp_path / "ppo.yaml"
+    agent.write_text("helios_rl/Serving-Sim-v0: {policy: MlpPolicy, n_timesteps: 32, n_envs: 1, n_steps: 16, "
+                     "batch_size: 16}\nhelios: {eval_freq: 32, eval_episodes: 1, checkpoint_freq: 32}\n")
+    common = ["train", "--env", str(tiny_scenario), "--agent", str(agent), "--profile", str(tiny_profile),
+              "--out", str(tmp_path / "runs"), "--wandb", "disabled", "--no-progress"]
+    # a test seed anywhere in the list: refused before the first (development) seed trains
+    assert main(common + ["--seed", "0", "1000001"]) == 2
+    assert "seed 1000001 is not a development seed" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert main(common + ["--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and "2 runs; pool them: helios-rl compare --policies" in out
+    seeds = sorted(json.loads((r / "config.json").read_text())["seed"] for r in runs)
+    assert seeds == [0, 1]
+
+
 def test_leaderboard_row_from_a_compare_result():
     from helios_rl.bench.leaderboard import leaderboard_row
 

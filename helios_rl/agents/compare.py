@@ -112,7 +112,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
         raise ValueError(f"--baselines: unknown baseline(s) {unknown}; known: {list(BASELINES)}")
     if "best-static" in baselines:
         raise ValueError("--baselines: best-static is a hindsight search of `helios-rl evaluate`, not a controller "
-                         "for compare; use static, helios, random")
+                         "for compare; use static, helios, aimd, random")
     if not policies and not baselines:
         raise ValueError("nothing to compare: give --policies and/or --baselines")
     if seeds < 1:

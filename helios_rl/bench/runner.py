@@ -9,6 +9,7 @@ Finished trials are files under ``DIR/trials``: a killed run resumes where it st
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,8 +27,11 @@ def _tune_wave(trials: list[Trial], cfg: BenchConfig, out: Path, workers: int, s
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg_d, out_s = cfg.to_dict(), str(out)
+    cwd = os.getcwd()  # relative paths (the suite, --agents-dir, a scenario's trace) mean the driver's folder
 
     def trainable(config: dict) -> dict:
+        if os.path.isdir(cwd):  # Ray Tune starts a trial in its own folder; on a cluster node without it, stay
+            os.chdir(cwd)
         res = run_trial(config["trial"], cfg_d, out_s)
         return {"done": 1, "seconds": res.get("seconds", 0.0)}
 

@@ -1,4 +1,8 @@
-"""``helios-rl compare --env SCENARIO --policies runs/A,runs/B --baselines static,helios --seeds 5``."""
+"""``helios-rl compare --env SCENARIO --policies runs/A,runs/B --baselines static,helios --seeds 5``.
+
+Several run folders (one agent, several training seeds) pool as the method ``rl``: one row per run, so its
+IQM and stratified-bootstrap CI are over runs x held-out seeds (rliable's protocol).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "(IQM, bootstrap CIs, probability of improvement)")
     p.add_argument("--env", default="default", help="scenario YAML (default: the embedded default)")
     p.add_argument("--policies", default="", help="comma-separated run folders of `helios-rl train`")
-    p.add_argument("--baselines", default="static,helios", help="comma-separated: static, helios, random")
+    p.add_argument("--baselines", default="static,helios", help="comma-separated: static, helios, aimd, random")
     p.add_argument("--seeds", type=int, default=5, help="held-out workload seeds")
     p.add_argument("--backend", choices=("live", "sim"), default="live")
     p.add_argument("--trace", default=None, help="replay arrivals from an Azure-format trace CSV")

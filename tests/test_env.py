@@ -145,3 +145,27 @@ def test_masks_forbid_batches_the_budget_cannot_hold(tiny_scenario, tiny_profile
     start = env.dims[0] + env.dims[1]
     for j, b in enumerate(env.batch_values):
         assert mask[start + 1 + j] == (b <= env.backend.admissible(m, d))
+
+
+def test_calibrate_cli_writes_the_profile_train_and_compare_use(tiny_scenario, tmp_path, monkeypatch, capsys):
+    """`helios-rl calibrate SCENARIO` with no options calibrates exactly as the environment would (same
+    settings, same cache path), so a later sim environment reuses it; bad options name themselves."""
+    from helios_rl.cli import main
+    from helios_rl.env.profile import SimProfile, default_profile_path
+
+    monkeypatch.setenv("HELIOS_RL_CACHE", str(tmp_path))
+    assert main(["calibrate", str(tiny_scenario), "--new-tokens", "1"]) == 2
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+    assert main(["calibrate", str(tiny_scenario)]) == 0
+    env = HeliosServingEnv(str(tiny_scenario), backend="sim")
+    path = default_profile_path(env.scenario)
+    out = capsys.readouterr()
+    assert f"wrote {path}" in out.out
+    stamp = path.stat().st_mtime_ns
+    HeliosServingEnv(str(tiny_scenario), backend="sim")
+    assert path.stat().st_mtime_ns == stamp  # the CLI's profile is the environment's: not recalibrated
+    prof = SimProfile.load(path)
+    smallest = min(v["tokens"] for m in prof.models.values() for v in m.exits.values())
+    # the tiny scenario's workload cannot fill 1,000 tokens per point: the CLI says so instead of passing it off
+    assert prof.meta["min_tokens_per_point"] == 1000
+    assert (smallest < 1000) == (f"rests on {smallest} served tokens, below --min-tokens 1000" in out.err)

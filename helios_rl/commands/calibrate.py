@@ -13,11 +13,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scenario", help="scenario YAML (see envs/README.md)")
     p.add_argument("--out", default=None, help="profile JSON to write (default: the scenario's cached profile, "
                                                 "which the sim environment, train and compare use)")
-    p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95", help="exit thresholds of the grid (comma-separated)")
-    p.add_argument("--batches", default="1,4,16", help="batch sizes of the step-time sweep")
-    p.add_argument("--depth-buckets", type=int, default=4, help="depths per model: its 1/n, 2/n, ..., full depth")
-    p.add_argument("--prompts", type=int, default=4, help="prompts per grid point")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per prompt")
+    p.add_argument("--thresholds", default=None,
+                   help="exit settings of the grid (comma-separated; default: the scenario's own: its precision "
+                        "targets in target mode, else raw thresholds)")
+    p.add_argument("--batches", default=None, help="batch sizes of the step-time sweep (default: 1,4,16)")
+    p.add_argument("--depth-buckets", type=int, default=None,
+                   help="depths per model: its 1/n, 2/n, ..., full depth (default: 4)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per timing point (default: 4)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default: 24)")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="served tokens behind each accuracy point, stratified by task (default: 1000)")
     p.add_argument("--timing", choices=("cpu", "wall", "modeled"), default=None,
                    help="how step costs are measured (default: the scenario's backend.timing)")
     p.set_defaults(func=run)
@@ -37,20 +42,32 @@ def run(args: argparse.Namespace) -> int:
     sc = Scenario.from_yaml(args.scenario)
     if args.timing:
         sc = replace(sc, backend=replace(sc.backend, timing=args.timing))
-    thresholds = _floats(args.thresholds, "--thresholds")
-    if any(not 0 <= t <= 1 for t in thresholds):
-        raise ValueError(f"--thresholds must be in [0, 1], got {args.thresholds}")
-    batches = tuple(int(b) for b in _floats(args.batches, "--batches"))
-    if any(b < 1 for b in batches) or args.prompts < 1 or args.new_tokens < 2 or args.depth_buckets < 1:
-        raise ValueError("--batches and --prompts must be >= 1, --new-tokens >= 2, --depth-buckets >= 1")
-    prof = calibrate(sc, thresholds=thresholds, depth_buckets=args.depth_buckets, batches=batches,
-                     prompts=args.prompts, new_tokens=args.new_tokens,
-                     say=lambda s: print(s, file=sys.stderr))
-    if args.out is None:
+    kw: dict = {}  # only what the user set: the defaults are calibrate()'s, the same as train's and compare's
+    if args.thresholds is not None:
+        kw["thresholds"] = _floats(args.thresholds, "--thresholds")
+    if args.batches is not None:
+        kw["batches"] = tuple(int(b) for b in _floats(args.batches, "--batches"))
+        if not kw["batches"] or any(b < 1 for b in kw["batches"]):
+            raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    for flag, key, low in (("depth_buckets", "depth_buckets", 1), ("prompts", "prompts", 1),
+                           ("new_tokens", "new_tokens", 2), ("min_tokens", "min_tokens", 1)):
+        v = getattr(args, flag)
+        if v is not None:
+            if v < low:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+            kw[key] = v
+    prof = calibrate(sc, say=lambda s: print(s, file=sys.stderr), **kw)
+    if args.out is None:  # the cache path train/compare look up for these settings
         from helios_rl.env.profile import default_profile_path
 
-        args.out = str(default_profile_path(sc))
+        args.out = str(default_profile_path(sc, kw))
     prof.save(args.out)
+    want = prof.meta.get("min_tokens_per_point")
+    got = min((v.get("tokens", 0) for m in prof.models.values() for v in m.exits.values()), default=0)
+    if want and got < want:  # a thinner sample than asked for is said, never passed off as the asked-for one
+        print(f"warning: the smallest accuracy point rests on {got} served tokens, below --min-tokens {want}: the "
+              f"scenario's workload has too few distinct prompts or too little room in max_model_len "
+              f"(engine.max_model_len {sc.engine.max_model_len}) for longer continuations", file=sys.stderr)
     for name, m in prof.models.items():
         coef = ", ".join(f"{k}={v:.3g}" for k, v in m.step_coef.items() if v)
         print(f"{name}: {m.num_layers} layers, step time {coef} (residual {m.residual_sigma:.1%}), "

@@ -45,16 +45,17 @@ def run(args: argparse.Namespace) -> int:
     kw: dict = {}  # only what the user set: the defaults are calibrate()'s, the same as train's and compare's
     if args.thresholds is not None:
         kw["thresholds"] = _floats(args.thresholds, "--thresholds")
+        if any(not 0 <= t <= 1 for t in kw["thresholds"]):
+            raise ValueError(f"--thresholds must be in [0, 1], got {args.thresholds}")
     if args.batches is not None:
         kw["batches"] = tuple(int(b) for b in _floats(args.batches, "--batches"))
         if not kw["batches"] or any(b < 1 for b in kw["batches"]):
             raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    for flag, key, low in (("depth_buckets", "depth_buckets", 1), ("prompts", "prompts", 1),
-                           ("new_tokens", "new_tokens", 2), ("min_tokens", "min_tokens", 1)):
-        v = getattr(args, flag)
+    for key, low in (("depth_buckets", 1), ("prompts", 1), ("new_tokens", 2), ("min_tokens", 1)):
+        v = getattr(args, key)
         if v is not None:
             if v < low:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+                raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {v}")
             kw[key] = v
     prof = calibrate(sc, say=lambda s: print(s, file=sys.stderr), **kw)
     if args.out is None:  # the cache path train/compare look up for these settings
@@ -62,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
         args.out = str(default_profile_path(sc, kw))
     prof.save(args.out)
-    want = prof.meta.get("min_tokens_per_point")
-    got = min((v.get("tokens", 0) for m in prof.models.values() for v in m.exits.values()), default=0)
-    if want and got < want:  # a thinner sample than asked for is said, never passed off as the asked-for one
+    want, got = prof.meta["min_tokens_per_point"], prof.meta["calibration_tokens_min"]
+    if got < want:  # a thinner sample than asked for is said, never passed off as the asked-for one
         print(f"warning: the smallest accuracy point rests on {got} served tokens, below --min-tokens {want}: the "
               f"scenario's workload has too few distinct prompts or too little room in max_model_len "
               f"(engine.max_model_len {sc.engine.max_model_len}) for longer continuations", file=sys.stderr)

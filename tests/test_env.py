@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -134,6 +135,29 @@ def test_sim_without_a_profile_calibrates_once_and_reuses_the_cached_one(tiny_sc
     assert path.stat().st_mtime_ns == stamp  # reused, not recalibrated
     obs, _ = env2.reset(seed=1)
     assert env2.observation_space.contains(obs)
+
+
+def test_profile_cache_key_ignores_the_slo_but_not_the_engine(tiny_scenario, tmp_path):
+    """Re-choosing a scenario's SLO (say on development seeds) keeps its calibration; anything that the
+    calibration measures (engine settings, models, workload) is another profile."""
+    import yaml
+
+    from helios_rl.env.profile import default_profile_path
+    from helios_rl.scenario import Scenario
+
+    data = yaml.safe_load(tiny_scenario.read_text())
+    base = default_profile_path(Scenario.from_yaml(tiny_scenario))
+
+    def variant(name: str, **change) -> Path:
+        path = tmp_path / name / tiny_scenario.name
+        path.parent.mkdir()
+        d = {**data, **change}
+        path.write_text("# another comment\n" + yaml.safe_dump(d))
+        return default_profile_path(Scenario.from_yaml(path))
+
+    assert variant("slo", slo={**data.get("slo", {}), "tpot_s": 9.0, "ttft_s": 30.0}) == base
+    assert variant("engine", engine={**data["engine"], "max_batch": data["engine"]["max_batch"] + 1}) != base
+    assert variant("calls", seed=data.get("seed", 0) + 1) != base
 
 
 def test_masks_forbid_batches_the_budget_cannot_hold(tiny_scenario, tiny_profile):

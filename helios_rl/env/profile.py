@@ -204,13 +204,25 @@ class SimProfile:
 
 def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path:
     """Where ``helios-rl calibrate`` keeps the profile of ``scenario`` when no ``--out`` is given: the
-    cache, keyed by the scenario's name and a hash of its file (or its dict form)."""
+    cache, keyed by the scenario's name and a hash of its file's content (or its dict form) without the
+    ``slo`` block and comments: SLOs do not enter a calibration (relative ones are resolved from the profile
+    when an environment is built), so a scenario whose SLO is re-chosen keeps its profile."""
     import hashlib
+
+    import yaml
 
     from helios_rl.utils.paths import cache_dir
 
     src = Path(scenario.path) if scenario.path and scenario.path != "<dict>" else None
-    text = src.read_bytes() if src is not None and src.exists() else repr(scenario).encode()
+    if src is not None and src.exists():
+        data = yaml.safe_load(src.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data.pop("slo", None)
+        text = json.dumps(data, sort_keys=True, default=str).encode()
+    else:
+        from dataclasses import replace
+
+        text = repr(replace(scenario, slo=None)).encode()
     if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
         text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]

@@ -156,6 +156,16 @@ def test_policy_controller_reproduces_the_policy_it_was_trained_as(trained, tiny
         done = term or trunc
     assert [{k: e[k] for k in ("model", "depth", "batch", "threshold")} for e in by_controller] == direct
     assert ep["served"] == ep["requests"] and ep["steps"] > 0
+    # the behaviour digest: the same controller again serves identically; a static config is another behaviour
+    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.static import StaticController
+
+    assert run_episode(env, load_policy(trained["run_dir"], ctx), seed=5)["behaviour"] == ep["behaviour"]
+    first = ctrl.initial()
+    static = [run_episode(env, StaticController(ctx, StaticParams(model=first["model"], depth=first["depth"],
+                                                                  max_batch=b, setting=first["threshold"])), seed=5)
+              for b in (1, 2, 2)]
+    assert static[1]["behaviour"] == static[2]["behaviour"] != static[0]["behaviour"]
 
 
 def test_compare_reports_iqm_cis_and_probability_of_improvement(trained, tiny_scenario, tiny_profile, tmp_path):

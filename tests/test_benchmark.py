@@ -96,3 +96,37 @@ def test_another_configuration_cannot_resume_into_the_same_folder(tiny_suite, tm
     cfg = BenchConfig(scenarios=suite_scenarios(suite), agents=("ppo",), train_seeds=1, test_seeds=1)
     with pytest.raises(ValueError, match="another configuration"):
         run_benchmark(cfg, out, str(suite))
+
+
+def _shards(scores: dict[str, list[float]], behaviour: dict[str, str]) -> list[dict]:
+    seeds = (1_000_000, 1_000_001)
+    return [{"seed": sd, "episodes": {f"{m}#0": {"goodput_tps": v[i], "behaviour": behaviour[m] + str(i)}
+                                      for m, v in scores.items()}} for i, sd in enumerate(seeds)]
+
+
+def test_identical_serving_ranks_as_one_entry_but_a_real_flip_is_unstable():
+    """Two baselines that kept the same configs in force (HELIOS holding the static config) swap places on
+    timing noise alone: the ranking ranks them as one entry. Two methods that served differently and swap
+    places make the ranking unstable, and the strict order is reported beside it."""
+    from helios_rl.bench.leaderboard import repro, same_behaviour, scenario_stats, score_matrices
+
+    methods = {"static": 1, "helios": 1, "aimd": 1}
+    same = {"static": "a", "helios": "a", "aimd": "b"}
+    rep1 = _shards({"static": [10.0, 11.0], "helios": [10.1, 11.1], "aimd": [5.0, 6.0]}, same)
+    rep2 = _shards({"static": [10.1, 11.1], "helios": [10.0, 11.0], "aimd": [5.0, 6.0]}, same)
+    assert same_behaviour(rep1, methods) == [["helios", "static"]]
+    stats = [scenario_stats(score_matrices(s, methods), [], list(methods), reps=200,
+                            groups=same_behaviour(s, methods)) for s in (rep1, rep2)]
+    assert stats[0]["ranking"] != stats[1]["ranking"]
+    r = repro(stats)
+    assert r["ranking_stable"] and not r["strict_ranking_stable"]
+    assert r["rankings"][0] == ["helios=static", "aimd"] and r["tied_identical"] == [["helios", "static"]]
+    assert r["repro_spread"] < 0.02
+
+    differ = {"static": "a", "helios": "c", "aimd": "b"}  # same scores, but HELIOS served otherwise
+    stats = [scenario_stats(score_matrices(_shards(sc, differ), methods), [], list(methods), reps=200,
+                            groups=same_behaviour(_shards(sc, differ), methods))
+             for sc in ({"static": [10.0, 11.0], "helios": [10.1, 11.1], "aimd": [5.0, 6.0]},
+                        {"static": [10.1, 11.1], "helios": [10.0, 11.0], "aimd": [5.0, 6.0]})]
+    r = repro(stats)
+    assert not r["ranking_stable"] and r["tied_identical"] == []

@@ -14,6 +14,8 @@ probability of improvement over ``helios`` (:mod:`helios_rl.agents.stats`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,11 @@ BASELINES = ("static", "helios", "aimd", "random", "best-static")
 
 
 def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[str, Any]:
-    """One episode of ``controller`` on ``env`` with workload ``seed``; episode metrics and decisions."""
+    """One episode of ``controller`` on ``env`` with workload ``seed``; episode metrics and decisions.
+
+    ``behaviour`` is a digest of the sequence of distinct configs the controller kept in force (model,
+    depth, batch cap, exit setting): two controllers with the same digest served the episode identically,
+    so any difference between their scores is measurement noise, not a difference of method."""
     from helios_rl.engine.telemetry import TelemetrySnapshot
 
     controller.reset(seed)
@@ -43,6 +49,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     configs = [dict(init)]
     info: dict = {}
     prev = dict(init)
+    served_as = [_config_key(init)]  # the distinct consecutive configs in force: the episode's behaviour
     for _ in range(max_steps):
         cfg = controller.decide(env.last_snapshot)
         _, r, term, trunc, info = env.step_config(cfg)
@@ -59,6 +66,8 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
         for k, v in info["reward_terms"].items():
             terms[k] = terms.get(k, 0.0) + v
         now = info["config"]
+        if _config_key(now) != served_as[-1]:
+            served_as.append(_config_key(now))
         if (now["model"], now["depth"]) != (prev["model"], prev["depth"]):
             switches += 1
             configs.append({"t": env.backend.now, **now})
@@ -73,7 +82,12 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
             "switches": switches, "configs": configs, "failure": info.get("failure"),
             "agreement": agree_sum / agree_tokens if agree_tokens else None,
             "early_exit_share": early / exited_total if exited_total else 0.0,
-            "agreement_source": "measured" if env.kind == "live" else "predicted"}
+            "agreement_source": "measured" if env.kind == "live" else "predicted",
+            "behaviour": hashlib.sha256(json.dumps(served_as, default=float).encode()).hexdigest()[:16]}
+
+
+def _config_key(cfg: dict) -> list:
+    return [cfg[k] for k in ("model", "depth", "batch", "threshold")]
 
 
 def _context(sc, env, backend: str, say):

@@ -26,9 +26,26 @@ def score_matrices(shards: list[dict], methods: dict[str, int]) -> dict[str, np.
     return out
 
 
+def same_behaviour(shards: list[dict], methods: dict[str, int]) -> list[list[str]]:
+    """Groups (of two or more) of methods that served every episode of these shards identically: the same
+    sequence of configs in force (``behaviour`` digest) on every run and test seed. HELIOS, for example,
+    keeps the static config on models whose exits it cannot use. Their score differences are timing noise."""
+    seeds = sorted(s["seed"] for s in shards)
+    by_seed = {s["seed"]: s["episodes"] for s in shards}
+    sig = {}
+    for method, runs in methods.items():
+        digests = tuple(by_seed[sd][f"{method}#{r}"].get("behaviour") for r in range(runs) for sd in seeds)
+        if all(d is not None for d in digests):
+            sig.setdefault(digests, []).append(method)
+    return [sorted(g) for g in sig.values() if len(g) > 1]
+
+
 def scenario_stats(scores: dict[str, np.ndarray], agents: list[str], baselines: list[str], reps: int = 2000,
-                   seed: int = 0) -> dict:
-    """IQMs with CIs, the best agent against the best baseline (paired CI), P(improvement) matrix, profiles."""
+                   seed: int = 0, groups: list[list[str]] | None = None) -> dict:
+    """IQMs with CIs, the best agent against the best baseline (paired CI), P(improvement) matrix, profiles.
+
+    ``groups``: methods that served identically (:func:`same_behaviour`); ``ranking_groups`` is the ranking
+    with each such group as one entry (``"helios=static"``), the order whose stability repeats can test."""
     iq = {m: iqm(s) for m, s in scores.items()}
     best_base = max((b for b in baselines if b in scores), key=lambda b: iq[b])
     best_agent = max((a for a in agents if a in scores), key=lambda a: iq[a]) if any(a in scores for a in agents) \
@@ -41,6 +58,7 @@ def scenario_stats(scores: dict[str, np.ndarray], agents: list[str], baselines: 
     profile = performance_profile({m: s / ref for m, s in scores.items()}, taus)
     out = {"methods": stats, "best_baseline": best_base, "best_agent": best_agent,
            "ranking": sorted(names, key=lambda m: -iq[m]), "prob_improvement": pim,
+           "same_behaviour": groups or [], "ranking_groups": _group_ranking(names, iq, groups or []),
            "performance_profile": {"tau": taus.round(3).tolist(), "share_above": profile}}
     if best_agent is not None:
         row = stats[best_agent]
@@ -51,6 +69,15 @@ def scenario_stats(scores: dict[str, np.ndarray], agents: list[str], baselines: 
         lo = row[f"vs_{best_base}_ci"][0]
         out["agent_wins"] = bool(row[f"vs_{best_base}_iqm_ratio"] >= 1.15 and lo > 1.0)
     return out
+
+
+def _group_ranking(names: list[str], iq: dict[str, float], groups: list[list[str]]) -> list[str]:
+    member = {m: "=".join(sorted(g)) for g in groups for m in g}
+    best: dict[str, float] = {}
+    for m in names:
+        key = member.get(m, m)
+        best[key] = max(best.get(key, -np.inf), iq[m])
+    return sorted(best, key=lambda k: (-best[k], k))
 
 
 def leaderboard_row(results: dict) -> str:
@@ -88,10 +115,16 @@ def repro(per_repeat: list[dict]) -> dict:
         vals = np.asarray(vals, dtype=float)
         if np.all(np.isfinite(vals)) and vals.mean() > 0:
             spreads[m] = float((vals.max() - vals.min()) / vals.mean())
-    rankings = [tuple(r["ranking"]) for r in per_repeat]
+    strict = [tuple(r["ranking"]) for r in per_repeat]
+    # methods that served identically in every repeat rank as one entry: their order is timing noise
+    tied = [set(g) for g in per_repeat[0].get("same_behaviour", [])
+            if all(any(set(g) == set(h) for h in r.get("same_behaviour", [])) for r in per_repeat)]
+    rankings = [tuple(_group_ranking(r["ranking"], {m: r["methods"][m]["iqm"] for m in r["ranking"]},
+                                     [sorted(g) for g in tied])) for r in per_repeat]
     return {"repeats": len(per_repeat), "repro_spread": max(spreads.values()) if spreads else None,
             "spread_by_method": spreads, "ranking_stable": all(r == rankings[0] for r in rankings),
-            "rankings": [list(r) for r in rankings]}
+            "rankings": [list(r) for r in rankings], "tied_identical": [sorted(g) for g in tied],
+            "strict_ranking_stable": all(r == strict[0] for r in strict), "strict_rankings": [list(r) for r in strict]}
 
 
 def markdown(board: dict) -> str:
@@ -122,9 +155,13 @@ def markdown(board: dict) -> str:
             verdict = "wins" if st.get("agent_wins") else "does not win (needs IQM ratio >= 1.15 and CI low > 1)"
             lines += ["", f"Best agent `{st['best_agent']}` vs best baseline `{b}`: {head['value']:.3f} "
                           f"[{head['ci'][0]:.3f}, {head['ci'][1]:.3f}]: the agent {verdict}."]
+        tied = rp.get("tied_identical") or []
         lines += [f"Reproducibility over {rp.get('repeats')} repeat(s): spread "
                   f"{rp.get('repro_spread') if rp.get('repro_spread') is None else round(rp['repro_spread'], 4)}, "
-                  f"ranking stable: {rp.get('ranking_stable')}.", ""]
+                  f"ranking stable: {rp.get('ranking_stable')}"
+                  + (f" (methods that served identically in every repeat rank as one: "
+                     f"{', '.join('='.join(g) for g in tied)}; strict order stable: {rp.get('strict_ranking_stable')})"
+                     if tied else "") + ".", ""]
     return "\n".join(lines)
 
 

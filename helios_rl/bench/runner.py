@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from helios_rl.bench.leaderboard import markdown, plots, repro, scenario_stats, score_matrices
+from helios_rl.bench.leaderboard import markdown, plots, repro, same_behaviour, scenario_stats, score_matrices
 from helios_rl.bench.plan import BenchConfig, Trial, plan
 from helios_rl.bench.trials import load_result, run_trial
 from helios_rl.utils.io import atomic_write_json, atomic_write_text
@@ -120,7 +120,7 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
                     continue
                 workers |= {s["worker"]["host"] for s in shards}
                 per_repeat.append(scenario_stats(score_matrices(shards, methods), list(cfg.agents),
-                                                 list(cfg.baselines)))
+                                                 list(cfg.baselines), groups=same_behaviour(shards, methods)))
             if not per_repeat:
                 continue
             key = f"{name}/{backend}"

@@ -123,12 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in r["tpot_grid"]:
             g.add_row(f"{row['multiple']:g}", f"{row['met']:.3f}", f"{row['edge']:.3f}")
         err.print(g)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        from helios_rl.utils.io import atomic_write_text
+        if a.out:  # after every scenario: a failure later loses nothing measured so far
+            from helios_rl.utils.io import atomic_write_text
 
-        atomic_write_text(Path(a.out), text)
-    print(text)
+            atomic_write_text(Path(a.out), json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
     return 0
 
 

@@ -193,3 +193,34 @@ def test_calibrate_cli_writes_the_profile_train_and_compare_use(tiny_scenario, t
     # the tiny scenario's workload cannot fill 1,000 tokens per point: the CLI says so instead of passing it off
     assert prof.meta["min_tokens_per_point"] == 1000
     assert (smallest < 1000) == (f"rests on {smallest} served tokens, below --min-tokens 1000" in out.err)
+
+
+def test_calibration_measures_the_deepest_load_a_binding_budget_allows(tiny_scenario, tiny_profile):
+    """A budget that admits a depth between the calibration's depth buckets (here 4 of tiny-a's 6 layers,
+    buckets 2/3/5/6) calibrates that depth too, so the simulator has a measured point where a memory-bound
+    scenario lives; a budget that holds a model at no depth is an error naming the model, not an IndexError."""
+    from dataclasses import replace
+
+    from helios_rl.env.calibrate import calibrate, depth_grid
+    from helios_rl.env.profile import SimProfile
+    from helios_rl.scenario import Scenario
+
+    sc = Scenario.from_yaml(tiny_scenario)
+    sizes = SimProfile.load(tiny_profile).models[sc.models[0]]
+    assert sizes.num_layers == 6 and 4 not in depth_grid(6, 4)
+    from helios_rl.engine.engine import prefill_bytes
+    from helios_rl.evaluation.runtime import ModelLoader
+
+    model = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)(sc.models[0], 1)
+    activations = prefill_bytes(sc.engine.settings(sc.exits.measure, sc.exits.default_threshold), model)
+    budget = sizes.weight_bytes[3] + activations + sizes.slot_bytes[3]  # 4 layers and one slot; 5 layers do not fit
+    assert budget < sizes.weight_bytes[4] + activations
+    prof = calibrate(replace(sc, engine=replace(sc.engine, memory_budget_bytes=budget)), thresholds=(0.06,),
+                     batches=(1,), prompts=2, new_tokens=4, min_tokens=8)
+    a = prof.models[sc.models[0]]
+    assert a.admissible[3] >= 1 and a.admissible[4] == 0
+    depths = sorted({int(k.split(":")[0]) for k in a.exits})
+    assert depths == [2, 3, 4]
+    with pytest.raises(ValueError, match=f"cannot hold {sc.models[0]} at any depth"):
+        calibrate(replace(sc, engine=replace(sc.engine, memory_budget_bytes=sizes.weight_bytes[0] // 2)),
+                  thresholds=(0.06,), batches=(1,), prompts=2, new_tokens=4, min_tokens=8)

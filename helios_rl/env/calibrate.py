@@ -242,7 +242,13 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     # the free-running reference: the full model's own greedy continuation of every prompt, no exits
     ref = [list(r.output_ids) for r in run(L, "off", min(cap, admissible[L - 1] or cap), items)]
     exit_stats, seen = {}, {}
+    loadable = [d for d in range(1, L + 1) if admissible[d - 1] >= 1]
+    if not loadable:
+        raise ValueError(f"{sc.name}: the memory budget ({settings.memory_budget_bytes} bytes) cannot hold {name} "
+                         f"at any depth with one KV slot of {settings.max_model_len} tokens")
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
+    if loadable[-1] not in depths:  # a budget that binds: the deepest load it allows is the point that matters
+        depths.append(loadable[-1])
     t_acc = time.perf_counter()
     scorer = None
     if sc.slo.max_reference_ppl is not None:  # the quality floor on the reference model's perplexity

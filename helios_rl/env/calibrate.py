@@ -245,7 +245,8 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     loadable = [d for d in range(1, L + 1) if admissible[d - 1] >= 1]
     if not loadable:
         raise ValueError(f"{sc.name}: the memory budget ({settings.memory_budget_bytes} bytes) cannot hold {name} "
-                         f"at any depth with one KV slot of {settings.max_model_len} tokens")
+                         f"at any depth with one KV slot of {settings.max_model_len} tokens (the scenario's check warns of it; a "
+                         f"profile needs every candidate: drop it from models: or raise engine.memory_budget)")
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
     if loadable[-1] not in depths:  # a budget that binds: the deepest load it allows is the point that matters
         depths.append(loadable[-1])

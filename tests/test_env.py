@@ -100,6 +100,26 @@ def test_live_episode_on_tiny_models_runs_to_the_end_of_the_trace(tiny_scenario)
     assert env.backend.engine is None and model.resident_bytes() == 0
 
 
+def test_live_batch_caps_do_not_depend_on_which_model_is_loaded(tiny_scenario, monkeypatch):
+    """The batch cap a controller gets for (model, depth) is the engine's rule, counting the exit heads'
+    bytes, before and after that model is loaded: checkpoint headers alone do not know the heads, and a cap
+    read from them made the same controller serve the same seed with another batch after a switch."""
+    from helios_rl.models.heads import ExitHeads
+
+    monkeypatch.setattr(ExitHeads, "nbytes", lambda self: 1_500_000)  # heads that matter in a 3 MiB budget
+    env = HeliosServingEnv(str(tiny_scenario), backend="live")
+    b = env.backend
+    before = {m: [b.admissible(m, d) for d in range(1, env.L[m] + 1)] for m in env.models}
+    headers_only = {m: [b.facts[m].admissible_batch(d, b.mem) for d in range(1, env.L[m] + 1)] for m in env.models}
+    assert before != headers_only  # the heads' bytes change the cap here
+    for m in env.models:
+        env.reset(seed=0, options={"config": {"model": m, "depth": env.L[m], "batch": 1}})
+        assert b.engine.model.name == m
+        assert [int(b.engine.admissible_batch(d)) for d in range(1, env.L[m] + 1)] == before[m]
+        assert {k: [b.admissible(k, d) for d in range(1, env.L[k] + 1)] for k in env.models} == before
+    env.close()
+
+
 def test_bad_inputs_give_clear_errors(tiny_scenario, tiny_profile, tmp_path):
     env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile))
     env.reset(seed=0)

@@ -97,19 +97,34 @@ class LiveBackend:
             self.scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"),
                                        sc.engine.max_model_len + 64, sc.reference_model())
         self.clock = VirtualClock(0.0)
-        self._adm: dict[tuple[str, int], int] = {}
+        self._adm: dict[str, list[int]] = {}  # model -> admissible batch per depth (the engine's rule)
         self.now = 0.0
 
     # ------------------------------------------------------------------ control
     def admissible(self, model: str, depth: int) -> int:
+        """The engine's own rule (weights, exit heads, prefill activations, KV slots and exit logits), whatever
+        is loaded now: the calibrated profile's table (measured by that rule), else the rule applied once to the
+        model loaded at depth 1. (Checkpoint headers alone do not know the exit heads' bytes: a batch cap
+        taken from them changed with which model the engine happened to hold, so the same controller served
+        the same seed with another batch cap after a switch.)"""
         if not 1 <= depth <= self.num_layers[model]:
             return 0
-        if self.engine is not None and self.engine.model.name == model:
-            return int(self.engine.admissible_batch(depth))
-        key = (model, depth)
-        if key not in self._adm:
-            self._adm[key] = int(self.facts[model].admissible_batch(depth, self.mem))
-        return self._adm[key]
+        if model not in self._adm:
+            prof = self.sim_profile.models.get(model) if self.sim_profile is not None else None
+            if prof is not None and len(prof.admissible) == self.num_layers[model]:
+                self._adm[model] = [int(a) for a in prof.admissible]
+            elif self.engine is not None and self.engine.model.name == model:
+                self._adm[model] = [int(self.engine.admissible_batch(d)) for d in range(1, self.num_layers[model] + 1)]
+            else:
+                from types import SimpleNamespace
+
+                lm = self.loader(model, 1)
+                probe = SimpleNamespace(settings=self.settings)
+                self._adm[model] = [int(Engine.admissible_batch(probe, d, lm)) for d in range(1, lm.num_layers + 1)]
+                lm.unload()
+                del lm
+                release_freed_memory(self.device)
+        return self._adm[model][depth - 1]
 
     def _exit_layers(self) -> tuple[int, ...]:
         m = self.engine.model

@@ -130,3 +130,5 @@ def test_identical_serving_ranks_as_one_entry_but_a_real_flip_is_unstable():
                         {"static": [10.1, 11.1], "helios": [10.0, 11.0], "aimd": [5.0, 6.0]})]
     r = repro(stats)
     assert not r["ranking_stable"] and r["tied_identical"] == []
+    assert [f["pair"] for f in r["ranking_flips"]] == [["helios", "static"]]
+    assert 0.009 < r["ranking_flips"][0]["largest_relative_gap"] < 0.0096  # IQMs 10.6 vs 10.5

@@ -121,8 +121,20 @@ def repro(per_repeat: list[dict]) -> dict:
             if all(any(set(g) == set(h) for h in r.get("same_behaviour", [])) for r in per_repeat)]
     rankings = [tuple(_group_ranking(r["ranking"], {m: r["methods"][m]["iqm"] for m in r["ranking"]},
                                      [sorted(g) for g in tied])) for r in per_repeat]
+    # which entries changed places, and how far apart they were: a flip between two methods within 1 % of
+    # each other is a near-tie that timing decides; one between methods 20 % apart is a finding
+    iqms = [{k: max(r["methods"][m]["iqm"] for m in k.split("=")) for k in rk} for r, rk in zip(per_repeat, rankings)]
+    pos = [{k: i for i, k in enumerate(rk)} for rk in rankings]
+    flips = []
+    names = rankings[0]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if len({p[a] < p[b] for p in pos if a in p and b in p}) > 1:
+                gaps = [abs(q[a] - q[b]) / max(abs(q[a] + q[b]) / 2, 1e-12) for q in iqms]
+                flips.append({"pair": [a, b], "largest_relative_gap": float(max(gaps))})
     return {"repeats": len(per_repeat), "repro_spread": max(spreads.values()) if spreads else None,
             "spread_by_method": spreads, "ranking_stable": all(r == rankings[0] for r in rankings),
+            "ranking_flips": flips,
             "rankings": [list(r) for r in rankings], "tied_identical": [sorted(g) for g in tied],
             "strict_ranking_stable": all(r == strict[0] for r in strict), "strict_rankings": [list(r) for r in strict]}
 
@@ -161,7 +173,11 @@ def markdown(board: dict) -> str:
                   f"ranking stable: {rp.get('ranking_stable')}"
                   + (f" (methods that served identically in every repeat rank as one: "
                      f"{', '.join('='.join(g) for g in tied)}; strict order stable: {rp.get('strict_ranking_stable')})"
-                     if tied else "") + ".", ""]
+                     if tied else "") + "."]
+        for f in rp.get("ranking_flips") or []:
+            lines.append(f"- `{f['pair'][0]}` and `{f['pair'][1]}` changed places between repeats (IQMs at most "
+                         f"{100 * f['largest_relative_gap']:.1f} % apart in any repeat).")
+        lines.append("")
     return "\n".join(lines)
 
 

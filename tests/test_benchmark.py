@@ -78,6 +78,10 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
     shards = [json.loads(p.read_text()) for p in (out / "trials").glob("eval__*.json")]
     assert all(s["seed"] >= 1_000_000 for s in shards)
     assert all(s["worker"]["host"] for s in shards)
+    from helios_rl.utils.provenance import git_revision
+
+    assert sum(board["trial_revisions"].values()) == len(list((out / "trials").glob("*.json")))
+    assert all(s["git"] == git_revision() for s in shards)
     assert (out / "leaderboard.md").read_text().startswith("# Leaderboard")
     assert all((out / p).stat().st_size > 1000 for p in board["plots"])
     live = [s for s in shards if s["backend"] == "live"]

@@ -143,6 +143,8 @@ def markdown(board: dict) -> str:
     lines = [f"# Leaderboard: {board['suite']}", "",
              f"- run `{board['run']}`; git {str(board.get('git'))[:12]}; {board['date']}; "
              f"machine {board.get('machine')}; Ray {board.get('ray', {}).get('address')}",
+             "- trials by the revision they ran at: " + (", ".join(
+                 f"{rev[:12]} ({n})" for rev, n in (board.get("trial_revisions") or {}).items()) or "-"),
              f"- {board['config']['train_seeds']} training seeds (runs) x {board['config']['test_seeds']} test "
              f"seeds (>= 1,000,000, never used for training or tuning); repeats: {board['config']['repeat']}"
              + (" (QUICK configuration)" if board['config'].get('quick') else ""),

@@ -56,8 +56,10 @@ def run_trial(spec: dict, cfg: dict, out: str) -> dict:
         res = _eval(spec, cfg, out_p)
     else:
         raise ValueError(f"unknown trial kind {spec['kind']!r}")
+    from helios_rl.utils.provenance import git_revision
+
     res.update(trial=spec, seconds=round(time.perf_counter() - t0, 2), worker=worker_info(),
-               finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+               finished=time.strftime("%Y-%m-%d %H:%M:%S"), git=git_revision())
     atomic_write_json(result_path(out_p, spec["id"]), res)
     return res
 

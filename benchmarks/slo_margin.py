@@ -68,6 +68,9 @@ def probe(path: str, methods: list[str], seeds: list[int], min_tokens: int, say)
                         "served": ep["served"], "agreement": ep["agreement"], "wall_s": time.perf_counter() - t0})
             say(f"{sc.name} {name} seed {s}: {ep['tokens_per_s']:.2f} tok/s, goodput {ep['goodput_tps']:.2f}")
         tp, tt = np.asarray(tps), np.asarray(tts)
+        if not len(tp) or not len(tt):
+            raise RuntimeError(f"{sc.name}: {name} finished no request with a TPOT on seeds {seeds}: nothing to place "
+                               f"an SLO against")
         tp_all.append(tp)
         tt_all.append(tt)
         q = (50, 90, 95, 99, 100)

@@ -141,6 +141,11 @@ def test_bad_inputs_give_clear_errors(tiny_scenario, tiny_profile, tmp_path):
     other.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="config hash"):
         HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
+    data = json.loads(tiny_profile.read_text())  # KV slots of another length admit other batches
+    data["settings"]["max_model_len"] = data["settings"]["max_model_len"] * 2
+    other.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="engine.max_model_len 96; the scenario has 48"):
+        HeliosServingEnv(str(tiny_scenario), backend="live", profile=str(other))
 
 
 def test_sim_without_a_profile_calibrates_once_and_reuses_the_cached_one(tiny_scenario, tmp_path, monkeypatch):
@@ -176,6 +181,8 @@ def test_profile_cache_key_ignores_the_slo_but_not_the_engine(tiny_scenario, tmp
         return default_profile_path(Scenario.from_yaml(path))
 
     assert variant("slo", slo={**data.get("slo", {}), "tpot_s": 9.0, "ttft_s": 30.0}) == base
+    # a perplexity floor makes the calibration score served text against the reference model: another profile
+    assert variant("ppl", slo={**data.get("slo", {}), "max_reference_ppl": 50.0}) != base
     assert variant("engine", engine={**data["engine"], "max_batch": data["engine"]["max_batch"] + 1}) != base
     assert variant("calls", seed=data.get("seed", 0) + 1) != base
 

@@ -31,8 +31,9 @@ BASELINES = ("static", "helios", "aimd", "random", "best-static")
 def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[str, Any]:
     """One episode of ``controller`` on ``env`` with workload ``seed``; episode metrics and decisions.
 
-    ``behaviour`` is a digest of the sequence of distinct configs the controller kept in force (model,
-    depth, batch cap, exit setting): two controllers with the same digest served the episode identically,
+    ``behaviour`` is a digest of the configs the controller kept in force (model, depth, batch cap, exit
+    setting) and the control step at which each took over: two controllers with the same digest served the
+    episode identically,
     so any difference between their scores is measurement noise, not a difference of method."""
     from helios_rl.engine.telemetry import TelemetrySnapshot
 
@@ -49,7 +50,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     configs = [dict(init)]
     info: dict = {}
     prev = dict(init)
-    served_as = [_config_key(init)]  # the distinct consecutive configs in force: the episode's behaviour
+    served_as = [[0, *_config_key(init)]]  # (control step, config) at each change: the episode's behaviour
     for _ in range(max_steps):
         cfg = controller.decide(env.last_snapshot)
         _, r, term, trunc, info = env.step_config(cfg)
@@ -66,8 +67,8 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
         for k, v in info["reward_terms"].items():
             terms[k] = terms.get(k, 0.0) + v
         now = info["config"]
-        if _config_key(now) != served_as[-1]:
-            served_as.append(_config_key(now))
+        if _config_key(now) != served_as[-1][1:]:
+            served_as.append([steps, *_config_key(now)])
         if (now["model"], now["depth"]) != (prev["model"], prev["depth"]):
             switches += 1
             configs.append({"t": env.backend.now, **now})

@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -133,11 +134,11 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
                                      "best_baseline": per_repeat[0]["best_baseline"],
                                      "agent_wins": per_repeat[0].get("agent_wins"),
                                      "train_seeds": cfg.train_seeds, "test_seeds": cfg.test_seeds,
-                                     "repro_spread": rp["repro_spread"], "ranking_stable": rp["ranking_stable"]}
+                                     "repro_spread": rp["repro_spread"], "ranking_stable": rp["ranking_stable"],
+                                     "strict_ranking_stable": rp.get("strict_ranking_stable")}
     # the code each trial ran (a resumed run may span commits): the leaderboard's own `git` is only the driver's
     done = [load_result(out, t.id) for t in plan(cfg)]
-    board["trial_revisions"] = {rev: sum(1 for r in done if r is not None and r.get("git") == rev)
-                                for rev in sorted({str(r.get("git")) for r in done if r is not None})}
+    board["trial_revisions"] = dict(sorted(Counter(str(r.get("git")) for r in done if r is not None).items()))
     board["plots"] = plots(board, out)
     atomic_write_json(out / "leaderboard.json", json.loads(json.dumps(board, default=float)))
     atomic_write_text(out / "leaderboard.md", markdown(board))

@@ -186,6 +186,12 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     # the admissible batch under the scenario's budget, computed by the engine's own rule; the runs use
     # an engine without a budget (a depth the budget cannot hold is never run, a batch never exceeds it)
     admissible = [int(Engine.admissible_batch(SimpleNamespace(settings=settings), d, model)) for d in range(1, L + 1)]
+    loadable = [d for d in range(1, L + 1) if admissible[d - 1] >= 1]
+    if not loadable:  # before any run: the error comes at once, not after the reference continuations
+        raise ValueError(f"{sc.name}: the memory budget ({settings.memory_budget_bytes} bytes) cannot hold {name} "
+                         f"at any depth with one KV slot of {settings.max_model_len} tokens (the scenario's check "
+                         f"warns of it; a profile needs every candidate: drop it from models: or raise "
+                         f"engine.memory_budget)")
     engine = Engine(model, replace(settings, memory_budget_bytes=None), loader=None, clock=clock)
     targets = sc.exits.mode == "target"
 
@@ -242,11 +248,6 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     # the free-running reference: the full model's own greedy continuation of every prompt, no exits
     ref = [list(r.output_ids) for r in run(L, "off", min(cap, admissible[L - 1] or cap), items)]
     exit_stats, seen = {}, {}
-    loadable = [d for d in range(1, L + 1) if admissible[d - 1] >= 1]
-    if not loadable:
-        raise ValueError(f"{sc.name}: the memory budget ({settings.memory_budget_bytes} bytes) cannot hold {name} "
-                         f"at any depth with one KV slot of {settings.max_model_len} tokens (the scenario's check warns of it; a "
-                         f"profile needs every candidate: drop it from models: or raise engine.memory_budget)")
     depths = [d for d in depth_grid(L, depth_buckets) if admissible[d - 1] >= 1]
     if loadable[-1] not in depths:  # a budget that binds: the deepest load it allows is the point that matters
         depths.append(loadable[-1])

@@ -86,6 +86,9 @@ class LiveBackend:
             self.sim_profile = SimProfile.load(profile)
             self.sim_profile.check(sc, str(profile))
         self.engine: Engine | None = None
+        self._adm: dict[str, list[int]] = {}  # model -> admissible batch per depth (the engine's rule)
+        for m in self.models:  # now, not mid-episode: without a profile this loads each model once at depth 1
+            self.admissible(m, 1)
         self.score = score
         self.scorer = None
         if not score and profile is None:
@@ -97,7 +100,6 @@ class LiveBackend:
             self.scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"),
                                        sc.engine.max_model_len + 64, sc.reference_model())
         self.clock = VirtualClock(0.0)
-        self._adm: dict[str, list[int]] = {}  # model -> admissible batch per depth (the engine's rule)
         self.now = 0.0
 
     # ------------------------------------------------------------------ control

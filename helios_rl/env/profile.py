@@ -200,13 +200,23 @@ class SimProfile:
             raise ProfileError(f"{where}: measured with memory budget {self.settings.get('memory_budget_bytes')} and "
                                f"max_batch {self.settings.get('max_batch')}; the scenario has {budget} and "
                                f"{scenario.engine.max_batch}")
+        for key in ("max_model_len", "kv_strategy", "max_prefill_tokens"):  # they size the batches it admits
+            if key in self.settings and self.settings[key] != getattr(scenario.engine, key):
+                raise ProfileError(f"{where}: measured with engine.{key} {self.settings[key]!r}; the scenario has "
+                                   f"{getattr(scenario.engine, key)!r}")
+
+
+# the slo keys a calibration reads (the perplexity floor decides whether served text is scored against the
+# reference model, and which model that is); targets and floors on latency and agreement are not among them
+_SLO_CALIBRATED = ("max_reference_ppl", "reference_model")
 
 
 def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path:
     """Where ``helios-rl calibrate`` keeps the profile of ``scenario`` when no ``--out`` is given: the
-    cache, keyed by the scenario's name and a hash of its file's content (or its dict form) without the
-    ``slo`` block and comments: SLOs do not enter a calibration (relative ones are resolved from the profile
-    when an environment is built), so a scenario whose SLO is re-chosen keeps its profile."""
+    cache, keyed by the scenario's name and a hash of its file's content (or its dict form) without comments
+    and without the SLO's latency and agreement targets: those do not enter a calibration (relative ones are
+    resolved from the profile when an environment is built), so a scenario whose SLO is re-chosen keeps its
+    profile; the perplexity floor and reference model do enter it and stay in the key."""
     import hashlib
 
     import yaml
@@ -216,13 +226,17 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
     src = Path(scenario.path) if scenario.path and scenario.path != "<dict>" else None
     if src is not None and src.exists():
         data = yaml.safe_load(src.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            data.pop("slo", None)
+        if isinstance(data, dict) and isinstance(data.get("slo"), dict):
+            kept = {k: v for k, v in data["slo"].items() if k in _SLO_CALIBRATED}
+            data["slo"] = kept
+            if not kept:
+                del data["slo"]
         text = json.dumps(data, sort_keys=True, default=str).encode()
     else:
         from dataclasses import replace
 
-        text = repr(replace(scenario, slo=None)).encode()
+        slo = scenario.slo
+        text = repr(replace(scenario, slo=None)).encode() + repr([getattr(slo, k) for k in _SLO_CALIBRATED]).encode()
     if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
         text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]

@@ -33,8 +33,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
 
     ``behaviour`` is a digest of the configs the controller kept in force (model, depth, batch cap, exit
     setting) and the control step at which each took over: two controllers with the same digest served the
-    episode identically,
-    so any difference between their scores is measurement noise, not a difference of method."""
+    episode identically, so any difference between their scores is measurement noise, not a method's."""
     from helios_rl.engine.telemetry import TelemetrySnapshot
 
     controller.reset(seed)
@@ -67,8 +66,9 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
         for k, v in info["reward_terms"].items():
             terms[k] = terms.get(k, 0.0) + v
         now = info["config"]
-        if _config_key(now) != served_as[-1][1:]:
-            served_as.append([steps, *_config_key(now)])
+        key = _config_key(now)
+        if key != served_as[-1][1:]:
+            served_as.append([steps, *key])
         if (now["model"], now["depth"]) != (prev["model"], prev["depth"]):
             switches += 1
             configs.append({"t": env.backend.now, **now})

@@ -110,6 +110,18 @@ def episode_summary(ttfts: list[float], tpots: list[float], tokens: int, elapsed
             "agreement": agreement}
 
 
+def admissible_table(settings, model) -> list[int]:
+    """The largest batch ``settings``' memory budget admits at each depth 1..L of the loaded ``model``, by the
+    engine's own rule (weights, exit heads, prefill activations, KV slots, exit logits); the calibration and
+    the live backend both take their batch caps from here."""
+    from types import SimpleNamespace
+
+    from helios_rl.engine.engine import Engine
+
+    probe = SimpleNamespace(settings=settings)
+    return [int(Engine.admissible_batch(probe, d, model)) for d in range(1, model.num_layers + 1)]
+
+
 def thr_key(threshold: float | None) -> str:
     """Profile key of a threshold (``cal``: the calibrated per-layer thresholds)."""
     return "cal" if threshold is None else f"{float(threshold):.3f}"

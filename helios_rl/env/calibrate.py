@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -22,7 +21,7 @@ from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.engine import Engine
 from helios_rl.engine.engine import slot_bytes as engine_slot_bytes
 from helios_rl.engine.request import SamplingParams
-from helios_rl.env.backend import config_hash, engine_version, thr_key
+from helios_rl.env.backend import admissible_table, config_hash, engine_version, thr_key
 from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, head_evals_per_layer, step_features
 from helios_rl.evaluation.replay import format_prompt
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
@@ -185,7 +184,7 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     clock = VirtualClock(0.0)
     # the admissible batch under the scenario's budget, computed by the engine's own rule; the runs use
     # an engine without a budget (a depth the budget cannot hold is never run, a batch never exceeds it)
-    admissible = [int(Engine.admissible_batch(SimpleNamespace(settings=settings), d, model)) for d in range(1, L + 1)]
+    admissible = admissible_table(settings, model)
     loadable = [d for d in range(1, L + 1) if admissible[d - 1] >= 1]
     if not loadable:  # before any run: the error comes at once, not after the reference continuations
         raise ValueError(f"{sc.name}: the memory budget ({settings.memory_budget_bytes} bytes) cannot hold {name} "

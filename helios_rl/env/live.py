@@ -26,7 +26,7 @@ from helios_rl.engine.config import ServingConfig
 from helios_rl.scenario import exit_setting
 from helios_rl.engine.engine import Engine
 from helios_rl.engine.request import RequestError, SamplingParams
-from helios_rl.env.backend import Interval, episode_summary
+from helios_rl.env.backend import Interval, admissible_table, episode_summary
 from helios_rl.evaluation.accuracy import Segment
 from helios_rl.evaluation.replay import format_prompt
 from helios_rl.evaluation.scorer import ScoreTotals, ServedRequest, quality_ok
@@ -111,18 +111,13 @@ class LiveBackend:
         the same seed with another batch cap after a switch.)"""
         if not 1 <= depth <= self.num_layers[model]:
             return 0
-        if model not in self._adm:
+        if model not in self._adm:  # filled for every model at construction, before any engine exists
             prof = self.sim_profile.models.get(model) if self.sim_profile is not None else None
             if prof is not None and len(prof.admissible) == self.num_layers[model]:
                 self._adm[model] = [int(a) for a in prof.admissible]
-            elif self.engine is not None and self.engine.model.name == model:
-                self._adm[model] = [int(self.engine.admissible_batch(d)) for d in range(1, self.num_layers[model] + 1)]
             else:
-                from types import SimpleNamespace
-
                 lm = self.loader(model, 1)
-                probe = SimpleNamespace(settings=self.settings)
-                self._adm[model] = [int(Engine.admissible_batch(probe, d, lm)) for d in range(1, lm.num_layers + 1)]
+                self._adm[model] = admissible_table(self.settings, lm)
                 lm.unload()
                 del lm
                 release_freed_memory(self.device)

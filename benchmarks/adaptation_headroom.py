@@ -4,9 +4,9 @@ The suite's leaderboard asks an agent to beat the best static config by 1.15x. W
 scenario is a property of the scenario, not of the agent, and it can be measured: this runs, on the simulator
 and on development seeds only (never test seeds),
 
-- ``best-static (hindsight, per seed)``: every candidate config held for the whole episode, the best one
-  chosen *per seed after seeing it* (stronger than the leaderboard's best-static, which is chosen on other
-  seeds);
+- ``best static, one config``: every candidate config held for the whole episode on every seed, the one with
+  the best mean goodput over the seeds (the leaderboard's best-static, but chosen on the seeds it is scored on);
+- ``best static per seed``: the best held config chosen *per seed after seeing it* (stronger still);
 - ``rollout (clairvoyant)``: at every ``--every``-th control step, for each candidate config, a copy of the
   simulator (its random state included) is held at that config to the end of the episode, and the config
   whose episode goodput is highest is applied (one step of policy improvement over the static configs,
@@ -116,7 +116,7 @@ def probe(path: str, seeds: list[int], which: str, every: int, say, profile: str
 
     env = HeliosServingEnv(path, backend="sim", action_mode="flat", profile=profile)
     cands = candidates(env, which)
-    per_seed = []
+    per_seed, table = [], {}
     for s in seeds:
         t0 = time.perf_counter()
         statics = {c: static_episode(env, c, s) for c in cands}
@@ -124,6 +124,8 @@ def probe(path: str, seeds: list[int], which: str, every: int, say, profile: str
         default = tuple(env._initial()[k] for k in ("model", "depth", "batch", "threshold"))
         if default not in statics:
             statics[default] = static_episode(env, default, s)
+        for c, v in statics.items():
+            table.setdefault(c, []).append(v)
         ro = rollout_episode(env, cands, s, best, every)
         per_seed.append({"seed": s, "static_default": statics[default], "best_static_hindsight": statics[best],
                          "best_static_config": list(best), "rollout": ro["goodput_tps"],
@@ -134,12 +136,22 @@ def probe(path: str, seeds: list[int], which: str, every: int, say, profile: str
         say(f"{env.scenario.name} seed {s}: best static {statics[best]:.2f} tok/s {best}, rollout "
             f"{ro['goodput_tps']:.2f} ({len(ro['changes'])} changes), {time.perf_counter() - t0:.0f} s")
     ratios = [p["ratio"] for p in per_seed if p["ratio"] is not None]
+    # the leaderboard's best-static: one config for every seed (searched there on other development seeds;
+    # here on these seeds, in hindsight, so it is if anything stronger than the leaderboard's)
+    common = max((c for c, v in table.items() if len(v) == len(seeds)), key=lambda c: float(np.mean(table[c])))
+    for p, v in zip(per_seed, table[common]):
+        p["best_common_static"] = v
+    rc = [p["rollout"] / p["best_common_static"] for p in per_seed if p["best_common_static"] > 0]
     env.close()
     return {"scenario": env.scenario.name, "path": path, "candidates": len(cands), "candidate_set": which,
             "every": every, "seeds": per_seed,
             "rollout_vs_best_static_hindsight": {"mean": float(np.mean(ratios)) if ratios else None,
                                                  "min": float(np.min(ratios)) if ratios else None,
                                                  "max": float(np.max(ratios)) if ratios else None},
+            "best_common_static_config": list(common),
+            "rollout_vs_best_common_static": {"mean": float(np.mean(rc)) if rc else None,
+                                              "min": float(np.min(rc)) if rc else None,
+                                              "max": float(np.max(rc)) if rc else None},
             "rollout_never_below_static": all(p["rollout"] >= p["best_static_hindsight"] * (1 - 1e-9)
                                               for p in per_seed)}
 
@@ -175,18 +187,17 @@ def main(argv: list[str] | None = None) -> int:
            "git": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
            "dev_seeds": seeds, "timing": "modelled (calibrated simulator, noise on)", "scenarios": {}}
     t = Table(title=f"adaptation headroom (modelled, simulator; dev seeds {seeds})")
-    for c in ("scenario", "candidates", "static default", "best static (hindsight)", "rollout (clairvoyant)",
-              "ratio mean [min, max]"):
+    for c in ("scenario", "candidates", "static default", "best static, one config", "best static per seed",
+              "rollout (clairvoyant)", "rollout / one config", "rollout / per seed"):
         t.add_column(c)
     for f in files:
         r = probe(f, seeds, a.candidates, a.every, lambda m: err.print(m))
         res["scenarios"][Path(f).stem] = r
-        q = r["rollout_vs_best_static_hindsight"]
+        fmt = lambda q: f"{q['mean']:.3f} [{q['min']:.3f}, {q['max']:.3f}]" if q["mean"] is not None else "n/a"  # noqa: E731
         t.add_row(r["scenario"], str(r["candidates"]),
-                  f"{np.mean([p['static_default'] for p in r['seeds']]):.2f}",
-                  f"{np.mean([p['best_static_hindsight'] for p in r['seeds']]):.2f}",
-                  f"{np.mean([p['rollout'] for p in r['seeds']]):.2f}",
-                  f"{q['mean']:.3f} [{q['min']:.3f}, {q['max']:.3f}]" if q["mean"] is not None else "n/a")
+                  *(f"{np.mean([p[k] for p in r['seeds']]):.2f}" for k in ("static_default", "best_common_static",
+                                                                           "best_static_hindsight", "rollout")),
+                  fmt(r["rollout_vs_best_common_static"]), fmt(r["rollout_vs_best_static_hindsight"]))
         if a.out:
             from helios_rl.utils.io import atomic_write_text
 

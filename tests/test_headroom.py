@@ -39,3 +39,4 @@ def test_rollout_never_scores_below_the_hindsight_best_static(headroom, tiny_sce
     for p in r["seeds"]:
         assert p["best_static_hindsight"] == max(v for _, v in p["top5_static"])
         assert p["rollout"] >= p["best_static_hindsight"] * (1 - 1e-9)
+        assert p["best_common_static"] <= p["best_static_hindsight"] + 1e-12  # one config for all seeds is no better

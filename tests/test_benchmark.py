@@ -136,3 +136,25 @@ def test_identical_serving_ranks_as_one_entry_but_a_real_flip_is_unstable():
     assert not r["ranking_stable"] and r["tied_identical"] == []
     assert [f["pair"] for f in r["ranking_flips"]] == [["helios", "static"]]
     assert 0.009 < r["ranking_flips"][0]["largest_relative_gap"] < 0.0096  # IQMs 10.6 vs 10.5
+
+
+def test_git_revision_says_when_the_code_is_not_the_commit(tmp_path):
+    import subprocess
+
+    from helios_rl.utils.provenance import git_revision, short_revision
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    assert git_revision(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_revision(tmp_path) == head
+    (tmp_path / "new.txt").write_text("untracked output\n")  # untracked files (runs/, caches) do not count
+    assert git_revision(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_revision(tmp_path) == head + "+dirty"
+    assert short_revision(head + "+dirty") == head[:12] + "+dirty" and short_revision(None) == "None"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from helios_rl.agents.stats import iqm, method_stats, performance_profile, prob_improvement
+from helios_rl.utils.provenance import short_revision
 
 METRIC = "goodput_tps"
 
@@ -141,10 +142,10 @@ def repro(per_repeat: list[dict]) -> dict:
 
 def markdown(board: dict) -> str:
     lines = [f"# Leaderboard: {board['suite']}", "",
-             f"- run `{board['run']}`; git {str(board.get('git'))[:12]}; {board['date']}; "
+             f"- run `{board['run']}`; git {short_revision(board.get('git'))}; {board['date']}; "
              f"machine {board.get('machine')}; Ray {board.get('ray', {}).get('address')}",
              "- trials by the revision they ran at: " + (", ".join(
-                 f"{rev[:12]} ({n})" for rev, n in (board.get("trial_revisions") or {}).items()) or "-"),
+                 f"{short_revision(rev)} ({n})" for rev, n in (board.get("trial_revisions") or {}).items()) or "-"),
              f"- {board['config']['train_seeds']} training seeds (runs) x {board['config']['test_seeds']} test "
              f"seeds (>= 1,000,000, never used for training or tuning); repeats: {board['config']['repeat']}"
              + (" (QUICK configuration)" if board['config'].get('quick') else ""),

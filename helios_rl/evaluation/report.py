@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from helios_rl.utils.provenance import short_revision
+
 MIB = 1 << 20
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -59,7 +61,7 @@ def markdown_report(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     lines = [f"# Evaluation: {results['scenario']}", "",
              f"- scenario: `{results['scenario_path']}`; seeds {results['seeds']}; run `{results.get('run_name')}`",
-             f"- date {results['date']}; git {str(results.get('git'))[:12]}",
+             f"- date {results['date']}; git {short_revision(results.get('git'))}",
              f"- machine: {m.get('cpu')} ({m.get('cores')} cores, {m.get('torch_threads')} torch threads, "
              f"GPU: {m.get('gpu') or 'none'}, load avg {m.get('load_avg')})",
              f"- time: virtual clock advanced by each step's measured cost (`{results['timing']}` timing); "

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.every < 1:
         ap.error("--every must be >= 1")
-    err = Console(stderr=True)
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # a log file gets the whole table
     files = suite_scenarios(a.suite)
     if a.only:
         keep = set(a.only.split(","))

@@ -20,6 +20,8 @@ space (``action_mode="flat"``), or the leaderboard's best-static grid with ``--c
 the leaderboard's: episode goodput (tok/s of requests meeting the SLO and the quality floors).
 
     python benchmarks/adaptation_headroom.py envs/suite --seeds 2 --out runs/headroom.json
+    git show 9a7058d:envs/suite/steady.yaml > /tmp/steady-v1.yaml     # v1: only its SLO differs from v2,
+    python benchmarks/adaptation_headroom.py /tmp/steady-v1.yaml --profile PROFILE   # so v2's profile applies
 
 Output: JSON on stdout (and ``--out``, rewritten after every scenario); a rich table on stderr. Every figure
 is *modelled* (the calibrated simulator), labelled so in the output.
@@ -143,7 +145,7 @@ def probe(path: str, seeds: list[int], which: str, every: int, say, profile: str
         p["best_common_static"] = v
     rc = [p["rollout"] / p["best_common_static"] for p in per_seed if p["best_common_static"] > 0]
     env.close()
-    return {"scenario": env.scenario.name, "path": path, "candidates": len(cands), "candidate_set": which,
+    return {"scenario": env.scenario.name, "path": path, "profile": env.kwargs.get("profile"), "candidates": len(cands), "candidate_set": which,
             "every": every, "seeds": per_seed,
             "rollout_vs_best_static_hindsight": {"mean": float(np.mean(ratios)) if ratios else None,
                                                  "min": float(np.min(ratios)) if ratios else None,
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", choices=("all", "grid"), default="all")
     ap.add_argument("--every", type=int, default=1, help="re-plan every N control steps")
     ap.add_argument("--only", default=None, help="comma-separated scenario stems")
+    ap.add_argument("--profile", default="auto", help="a calibrated profile JSON (one scenario only; default: the "
+                    "scenario's cached profile, calibrated on first use)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.every < 1:
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         files = [f for f in files if Path(f).stem in keep]
         if not files:
             ap.error(f"--only {a.only!r} matches no scenario in {a.suite}")
+    if a.profile != "auto" and len(files) != 1:
+        ap.error(f"--profile applies to one scenario; {a.suite} has {len(files)}")
     seeds = [dev_seed(s, "adaptation headroom probe") for s in dev_eval_seeds(a.seeds)]
     res = {"command": " ".join(["python benchmarks/adaptation_headroom.py", *(argv or sys.argv[1:])]),
            "git": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
               "rollout (clairvoyant)", "rollout / one config", "rollout / per seed"):
         t.add_column(c)
     for f in files:
-        r = probe(f, seeds, a.candidates, a.every, lambda m: err.print(m))
+        r = probe(f, seeds, a.candidates, a.every, lambda m: err.print(m), profile=a.profile)
         res["scenarios"][Path(f).stem] = r
         fmt = lambda q: f"{q['mean']:.3f} [{q['min']:.3f}, {q['max']:.3f}]" if q["mean"] is not None else "n/a"  # noqa: E731
         t.add_row(r["scenario"], str(r["candidates"]),

@@ -45,28 +45,30 @@ def _cfg(env, t: tuple) -> "ServingConfig":  # noqa: F821
     return ServingConfig(model=model, depth=int(depth), max_batch=int(batch), **env.scenario.exits.knob(setting))
 
 
-def _finish(env, cfg, good: float) -> tuple[float, int]:
-    """Hold ``cfg`` on ``env`` to the end of its episode: (episode goodput tok/s, steps taken)."""
-    n = 0
+def _finish(env, cfg, good: float) -> float:
+    """Hold ``cfg`` on ``env`` to the end of its episode: the episode's goodput (tok/s), ``good`` tokens so far."""
     while True:
         _, _, term, trunc, info = env.step_config(cfg)
         good += info["goodput_tokens"]
-        n += 1
         if term or trunc:
             summ = info.get("episode_summary") or env.backend.summary()
-            return good / (summ["elapsed_s"] or 1e-9), n
+            return good / (summ["elapsed_s"] or 1e-9)
+
+
+def _reset(env, seed: int, t: tuple) -> None:
+    env.reset(seed=seed, options={"config": dict(zip(("model", "depth", "batch", "threshold"), t))})
 
 
 def static_episode(env, t: tuple, seed: int) -> float:
-    env.reset(seed=seed, options={"config": dict(zip(("model", "depth", "batch", "threshold"), t))})
-    return _finish(env, _cfg(env, t), 0.0)[0]
+    _reset(env, seed, t)
+    return _finish(env, _cfg(env, t), 0.0)
 
 
 def _replay(env, seed: int, start: tuple, hist: list[tuple]) -> float:
     """Reset to ``seed`` and serve the configs of ``hist`` step by step: the simulator is deterministic
     given the seed and the actions, so this reproduces the episode's state (its random state included)
     exactly; cheaper here than copying the environment. Returns the goodput tokens so far."""
-    env.reset(seed=seed, options={"config": dict(zip(("model", "depth", "batch", "threshold"), start))})
+    _reset(env, seed, start)
     good = 0.0
     for t in hist:
         good += env.step_config(_cfg(env, t))[4]["goodput_tokens"]
@@ -75,13 +77,12 @@ def _replay(env, seed: int, start: tuple, hist: list[tuple]) -> float:
 
 def rollout_episode(env, cands: list[tuple], seed: int, start: tuple, every: int) -> dict:
     """The clairvoyant rollout controller's episode (see module docstring)."""
-    cur, hist, changes, sims = start, [], [], 0
+    cur, hist, changes = start, [], []
     while True:
         if len(hist) % every == 0:
             best, best_v = cur, None
             for t in [cur] + [c for c in cands if c != cur]:  # ties keep the current config
-                v, n = _finish(env, _cfg(env, t), _replay(env, seed, start, hist))
-                sims += n + len(hist)
+                v = _finish(env, _cfg(env, t), _replay(env, seed, start, hist))
                 if best_v is None or v > best_v + 1e-12:
                     best, best_v = t, v
             if best != cur:
@@ -91,26 +92,17 @@ def rollout_episode(env, cands: list[tuple], seed: int, start: tuple, every: int
         _, _, term, trunc, info = env.step_config(_cfg(env, cur))
         good += info["goodput_tokens"]
         hist.append(cur)
-        steps = len(hist)
         if term or trunc:
             summ = info.get("episode_summary") or env.backend.summary()
-            return {"goodput_tps": good / (summ["elapsed_s"] or 1e-9), "steps": steps, "changes": changes,
-                    "simulated_steps": sims}
+            return {"goodput_tps": good / (summ["elapsed_s"] or 1e-9), "steps": len(hist), "changes": changes}
 
 
 def candidates(env, which: str) -> list[tuple]:
     if which == "all":
         return [tuple(t) for t in env.tuples]
-    out = []  # the leaderboard's best-static grid (bench.trials._prepare), unthinned
-    for model in env.models:
-        depths = env.depth_values[model] if isinstance(env.depth_values, dict) else env.depth_values
-        for depth in depths:
-            adm = env.backend.admissible(model, depth)
-            if adm < 1:
-                continue
-            for batch in sorted({adm, max(1, adm // 2), max(1, adm // 4)}):
-                out += [(model, int(depth), int(batch), float(s)) for s in env.thresholds]
-    return out
+    from helios_rl.bench.trials import static_grid
+
+    return static_grid(env, env.backend.admissible)
 
 
 def probe(path: str, seeds: list[int], which: str, every: int, say, profile: str = "auto") -> dict:

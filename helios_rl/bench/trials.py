@@ -94,6 +94,21 @@ def _env(path: str, backend: str, profile: str):
     return _ENVS[key]
 
 
+def static_grid(env, admissible) -> list[tuple[str, int, int, float]]:
+    """The best-static search's grid on ``env``, unthinned: every (model, depth bucket, batch cap, exit setting)
+    with the cap at the admissible batch, half and a quarter of it."""
+    grid = []
+    for model in env.models:
+        depths = env.depth_values[model] if isinstance(env.depth_values, dict) else env.depth_values
+        for depth in depths:
+            adm = admissible(model, depth)
+            if adm < 1:
+                continue
+            for batch in sorted({adm, max(1, adm // 2), max(1, adm // 4)}):
+                grid += [(model, int(depth), int(batch), float(setting)) for setting in env.thresholds]
+    return grid
+
+
 def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
     """Calibrate, resolve the SLOs, and search the best static config on development seeds (simulator)."""
     from helios_rl.agents.compare import run_episode
@@ -106,17 +121,7 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
     env = _env(spec["scenario"], "sim", profile)
     ctx = _context(env, sc)
     seeds = [dev_seed(s, "best-static search") for s in dev_eval_seeds(cfg["best_static_seeds"])]
-    grid = []
-    for model in env.models:
-        depths = env.depth_values[model] if isinstance(env.depth_values, dict) else env.depth_values
-        for depth in depths:
-            adm = ctx.admissible(model, depth)
-            if adm < 1:
-                continue
-            for batch in sorted({adm, max(1, adm // 2), max(1, adm // 4)}):
-                for setting in env.thresholds:
-                    grid.append(StaticParams(model=model, depth=int(depth), max_batch=int(batch),
-                                             setting=float(setting)))
+    grid = [StaticParams(model=m, depth=d, max_batch=b, setting=t) for m, d, b, t in static_grid(env, ctx.admissible)]
     if len(grid) > cfg["best_static_points"] * 8:  # evenly thinned, full-depth points kept
         step = len(grid) / (cfg["best_static_points"] * 8)
         grid = [grid[int(i * step)] for i in range(cfg["best_static_points"] * 8)]

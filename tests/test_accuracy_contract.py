@@ -143,7 +143,7 @@ def test_live_backend_refuses_to_run_without_scoring_or_a_profile(probe_scenario
         LiveBackend(sc, EpisodeWorkload(sc), score=False)
 
 
-def test_sim_draws_agreement_per_task_so_a_task_mix_shift_changes_the_prediction(probe_profile):
+def test_sim_draws_agreement_per_task_so_a_task_mix_shift_changes_the_prediction(probe_profile, probe_scenario):
     from helios_rl.env.profile import SimProfile
 
     prof = SimProfile.load(probe_profile)
@@ -155,6 +155,16 @@ def test_sim_draws_agreement_per_task_so_a_task_mix_shift_changes_the_prediction
     assert a["chat"] != a["completion"], "the tasks' measured agreements differ on these prompts"
     lo, hi = point["agreement_ci"]
     assert lo <= point["agreement"] <= hi
+    # each request's token-by-token matches are recorded, agree with its agreement, and cover the longest
+    # request the workload draws (the simulator scores a request of k tokens on the first k)
+    from helios_rl.scenario import Scenario
+
+    longest = Scenario.from_yaml(probe_scenario).workload.new_tokens_range()[1]
+    for t in point["by_task"].values():
+        assert len(t["request_matches"]) == len(t["request_agreements"])
+        for bits, a in zip(t["request_matches"], t["request_agreements"]):
+            assert set(bits) <= {"0", "1"} and len(bits) >= longest
+            assert bits.count("1") / len(bits) == pytest.approx(a, abs=1e-4)
 
 
 def test_a_reference_perplexity_floor_binds_goodput_on_both_backends(probe_scenario, tmp_path):

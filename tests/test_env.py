@@ -182,7 +182,11 @@ def test_profile_cache_key_ignores_the_slo_but_not_the_engine(tiny_scenario, tmp
 
     assert variant("slo", slo={**data.get("slo", {}), "tpot_s": 9.0, "ttft_s": 30.0}) == base
     # a perplexity floor makes the calibration score served text against the reference model: another profile
-    assert variant("ppl", slo={**data.get("slo", {}), "max_reference_ppl": 50.0}) != base
+    ppl = variant("ppl", slo={**data.get("slo", {}), "max_reference_ppl": 50.0})
+    assert ppl != base
+    # ... but not the floor's value: every request's perplexity is recorded, whatever the floor
+    assert variant("ppl2", slo={**data.get("slo", {}), "max_reference_ppl": 12.5}) == ppl
+    assert variant("ref", slo={**data.get("slo", {}), "max_reference_ppl": 50.0, "reference_model": "other"}) != ppl
     assert variant("engine", engine={**data["engine"], "max_batch": data["engine"]["max_batch"] + 1}) != base
     assert variant("calls", seed=data.get("seed", 0) + 1) != base
 

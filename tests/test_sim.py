@@ -90,3 +90,29 @@ def test_infeasible_config_is_rejected_without_change():
     with pytest.raises(ValueError, match="unknown model"):
         sim.apply(ServingConfig(model="other"))
     assert sim.depth == 4 and sim.max_batch == 4  # 8 requested, the budget admits 4 at full depth
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_a_requests_agreement_is_its_calibrated_matches_over_its_own_length(noise):
+    """Free-running agreement falls with length (one divergence shifts every later token), so a simulated
+    request of k tokens scores the first k of a calibrated request's token-by-token matches."""
+    prof = _profile()
+    point = prof.models["m"].exits["4:0.900"]
+    point["request_agreements"] = [0.25, 0.25]
+    point["request_matches"] = ["1111" + "0" * 12, "1111" + "0" * 12]  # 16 tokens: agree on the first 4
+
+    def workload(length):
+        return lambda seed: (np.arange(6) * 0.01, np.full(6, 5), np.full(6, length))
+
+    def agreement(profile, length):
+        sim = SimBackend(profile, _scenario(), workload(length), noise=noise)
+        _, summ = _episode(sim, 0)
+        assert summ["served"] == 6
+        return summ["agreement"]
+
+    assert agreement(prof, 4) == pytest.approx(1.0)
+    assert agreement(prof, 8) == pytest.approx(0.5)
+    assert agreement(prof, 16) == pytest.approx(0.25)
+    assert agreement(prof, 40) == pytest.approx(0.25)  # longer than calibrated: the calibrated length
+    del point["request_matches"]  # a profile without matches: the calibrated per-request agreements
+    assert agreement(prof, 4) == pytest.approx(0.25)

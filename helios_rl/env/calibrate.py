@@ -38,11 +38,15 @@ def depth_grid(num_layers: int, buckets: int = 4) -> list[int]:
 def accuracy_prompts(sc, min_tokens: int, new_tokens: int) -> tuple[list[tuple[str, str]], int]:
     """``(prompt, task)`` pairs, the same number per task of the scenario's workload, and the tokens each
     request generates (EOS ignored), so that one grid point serves at least ``min_tokens`` tokens:
-    ``new_tokens`` each, more where the workload has too few distinct prompts (up to what the KV slot
-    holds). Drawn from development workload seeds 0, 1, ... (never the held-out evaluation seeds)."""
+    ``new_tokens`` each, or the workload's longest request where that is longer, more where the workload
+    has too few distinct prompts (up to what the KV slot holds). Drawn from development workload seeds 0, 1, ... (never the held-out evaluation seeds)."""
     from helios_rl.env.workload import EpisodeWorkload
 
     wl = EpisodeWorkload(sc)
+    counter = wl._counter()
+    # every request the workload can draw is covered: a served request of k tokens is the first k tokens of
+    # these continuations (greedy, EOS ignored), so the simulator scores it on exactly those
+    new_tokens = max(new_tokens, int(sc.workload.new_tokens_range()[1]))
     by_task: dict[str, list[str]] = {}
     seeds = 0
     while seeds < 64:
@@ -56,30 +60,32 @@ def accuracy_prompts(sc, min_tokens: int, new_tokens: int) -> tuple[list[tuple[s
             break
     per = math.ceil(min_tokens / (len(by_task) * new_tokens))
     items = [(t, task) for task in sorted(by_task) for t in by_task[task][:per]]
-    each = new_tokens
+    room = sc.engine.max_model_len - 1 - max(counter(t) for t, _ in items)
+    each = min(new_tokens, room)
     if len(items) * each < min_tokens:  # too few distinct prompts: longer continuations instead
-        counter = wl._counter()
-        room = sc.engine.max_model_len - 1 - max(counter(t) for t, _ in items)
-        each = max(new_tokens, min(room, math.ceil(min_tokens / len(items))))
+        each = max(each, min(room, math.ceil(min_tokens / len(items))))
     return items, each
 
 
 def point_stats(reqs, tasks: list[str], ref: list[list[int]], L: int, ppl: list[float] | None = None) -> dict:
     """Exit distribution, breach rate, confidence and free-running agreement of one grid point's requests,
-    overall and per task, with every request's agreement (the simulator draws from them) and a 95 %
-    normal interval of the mean agreement over requests."""
+    overall and per task, with every request's agreement and its token-by-token matches (the simulator
+    draws from them, at each simulated request's own length) and a 95 % normal interval of the mean
+    agreement over requests."""
     def agg(rows: list[int]) -> dict:
         counts = np.zeros(L, dtype=np.int64)
         breaches = tokens = match = 0
-        conf, per_req = [], []
+        conf, per_req, bits = [], [], []
         for i in rows:
             r = reqs[i]
             layers = np.asarray(r.exit_layers[1:], dtype=np.int64)  # decode tokens (the first comes from prefill)
             np.add.at(counts, layers, 1)
             breaches += int(sum(r.greedy_flags[1:]))
             tokens += len(layers)
-            m = sum(a == b for a, b in zip(r.output_ids, ref[i]))
+            hits = "".join("1" if a == b else "0" for a, b in zip(r.output_ids, ref[i]))
+            m = hits.count("1")
             match += m
+            bits.append(hits)
             per_req.append(m / max(len(r.output_ids), 1))
             conf += list(r.confidences[1:])
         a = np.asarray(per_req, dtype=float)
@@ -88,7 +94,10 @@ def point_stats(reqs, tasks: list[str], ref: list[list[int]], L: int, ppl: list[
         mean = match / total if total else 1.0
         out = {"p": (counts / max(counts.sum(), 1)).tolist(), "breach": breaches / tokens if tokens else 0.0,
                "agreement": mean, "agreement_ci": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)],
-               "request_agreements": [round(float(x), 4) for x in a], "conf": float(np.mean(conf)) if conf else 0.0,
+               "request_agreements": [round(float(x), 4) for x in a],
+               # position by position, whether the served token equals the reference's: a request of k tokens
+               # serves exactly the first k of a longer greedy run, so its agreement is the first k bits' mean
+               "request_matches": bits, "conf": float(np.mean(conf)) if conf else 0.0,
                "tokens": int(total), "requests": len(rows)}
         if ppl is not None:  # the reference model's perplexity of each request's text (same order)
             out["request_ppl"] = [round(float(ppl[i]), 4) for i in rows]

@@ -103,14 +103,16 @@ class ModelSim:
         conf = float(np.interp(depth, ds, [v["conf"] for _, v in rows]))
         return p, breach, agree, conf
 
-    def request_draws(self, depth: int, threshold: float | None, task: str | None) -> tuple[list, list]:
-        """Measured per-request agreements (and reference perplexities, where calibrated) of a config
-        and task, to draw simulated requests from; empty where the point was not measured."""
+    def request_draws(self, depth: int, threshold: float | None, task: str | None) -> tuple[list, list, list]:
+        """Measured per-request agreements, reference perplexities (where calibrated) and token-by-token
+        matches (``"1"``/``"0"`` strings; profiles calibrated before they were recorded have none) of a
+        config and task, to draw simulated requests from; empty where the point was not measured."""
         st = self.exits.get(f"{depth}:{thr_key(threshold)}")
         if st is None:
-            return [], []
+            return [], [], []
         st = st.get("by_task", {}).get(task, st) if task is not None else st
-        return list(st.get("request_agreements", [])), list(st.get("request_ppl", []))
+        return (list(st.get("request_agreements", [])), list(st.get("request_ppl", [])),
+                list(st.get("request_matches", [])))
 
     def layers_for(self, threshold: float | None) -> list[int]:
         """The exit layers an exit setting uses (a precision target names its own; recorded per point)."""
@@ -206,9 +208,15 @@ class SimProfile:
                                    f"{getattr(scenario.engine, key)!r}")
 
 
-# the slo keys a calibration reads (the perplexity floor decides whether served text is scored against the
-# reference model, and which model that is); targets and floors on latency and agreement are not among them
+# the slo keys a calibration reads (a perplexity floor decides whether served text is scored against the
+# reference model, and which model that is); targets and floors on latency and agreement are not among them,
+# nor the perplexity floor's value (the calibration records every request's perplexity, whatever the floor)
 _SLO_CALIBRATED = ("max_reference_ppl", "reference_model")
+
+
+def _calibrated_slo(key: str, value):
+    """What of an SLO key enters the profile key: the perplexity floor only as scored / not scored."""
+    return "scored" if key == "max_reference_ppl" and value is not None else value
 
 
 def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path:
@@ -216,7 +224,8 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
     cache, keyed by the scenario's name and a hash of its file's content (or its dict form) without comments
     and without the SLO's latency and agreement targets: those do not enter a calibration (relative ones are
     resolved from the profile when an environment is built), so a scenario whose SLO is re-chosen keeps its
-    profile; the perplexity floor and reference model do enter it and stay in the key."""
+    profile; whether served text is scored for a perplexity floor, and by which reference model, does enter it
+    and stays in the key (the floor's value does not: re-choosing it keeps the profile)."""
     import hashlib
 
     import yaml
@@ -227,7 +236,7 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
     if src is not None and src.exists():
         data = yaml.safe_load(src.read_text(encoding="utf-8"))
         if isinstance(data, dict) and isinstance(data.get("slo"), dict):
-            kept = {k: v for k, v in data["slo"].items() if k in _SLO_CALIBRATED}
+            kept = {k: _calibrated_slo(k, v) for k, v in data["slo"].items() if k in _SLO_CALIBRATED}
             data["slo"] = kept
             if not kept:
                 del data["slo"]
@@ -236,7 +245,7 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
         from dataclasses import replace
 
         slo = scenario.slo
-        text = repr(replace(scenario, slo=None)).encode() + repr([getattr(slo, k) for k in _SLO_CALIBRATED]).encode()
+        text = repr(replace(scenario, slo=None)).encode() + repr([_calibrated_slo(k, getattr(slo, k)) for k in _SLO_CALIBRATED]).encode()
     if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
         text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]

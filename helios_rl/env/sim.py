@@ -9,7 +9,9 @@ growing by ``n`` per step), from the step-time model a :class:`~helios_rl.env.pr
 fitted on the live engine. Exit layers, breaches and agreement come from the profile's measured
 distributions of the config in force, per task of the workload: each finishing request draws its
 free-running agreement (and, where calibrated, its reference perplexity) from the measured requests
-of its task under the config in force, so a task-mix shift changes what the simulator predicts, and
+of its task under the config in force, over its own length (the profile records each calibrated request's
+token-by-token matches; agreement falls with length, as one divergence shifts every later token), so a
+task-mix or length shift changes what the simulator predicts, and
 goodput counts a request only if it meets the SLO and the quality floors, as on the live backend.
 The step-time model uses the config's exit distribution over all tasks. Seeded noise: step-time jitter at the fit's residual, and
 multinomial exit counts; ``randomize`` scales the step-time model per episode (domain randomisation).
@@ -153,8 +155,12 @@ class SimBackend:
             per = []
             for t in self.task_names:
                 p, breach, agree, _ = ms.exit_stats(depth, threshold, t)
-                draws, ppl = ms.request_draws(depth, threshold, t)
-                per.append((p / p.sum() if p.sum() > 0 else p, breach, agree, draws, ppl))
+                draws, ppl, matches = ms.request_draws(depth, threshold, t)
+                if matches and len(matches) == len(draws):  # cumulative hits: agreement of any prefix in O(1)
+                    matches = [np.concatenate(([0], np.cumsum([c == "1" for c in m]))) for m in matches]
+                else:
+                    matches = []
+                per.append((p / p.sum() if p.sum() > 0 else p, breach, agree, draws, ppl, matches))
             self._derived[tkey] = per
         self.task_stats = self._derived[tkey]
         self.weight_bytes = ms.weight_bytes[depth - 1]
@@ -301,7 +307,7 @@ class SimBackend:
                     ok = ok and tpot <= slo_tpot
                 met, missed, finished = met + ok, missed + (not ok), finished + 1
                 met_tokens += nt if ok else 0
-                a, ppl = self._draw(row[6])
+                a, ppl = self._draw(row[6], nt)
                 agree_sum, agree_tokens = agree_sum + a * nt, agree_tokens + nt
                 if ok and a >= floor and (max_ppl is None or ppl is None or ppl <= max_ppl):
                     good_tokens += nt
@@ -323,16 +329,28 @@ class SimBackend:
         return Interval(snap, met, missed, agreement, busy, slo_met_tokens=met_tokens, good_tokens=good_tokens,
                         extra=extra)
 
-    def _draw(self, task: int) -> tuple[float, float | None]:
+    def _draw(self, task: int, tokens: int) -> tuple[float, float | None]:
         """A finishing request's free-running agreement (and reference perplexity) under the config in
-        force: one of its task's measured requests, or the task's mean where none were recorded."""
-        _, _, mean, draws, ppl = self.task_stats[task]
+        force: one of its task's measured requests, or the task's mean where none were recorded. Where the
+        profile recorded token-by-token matches, the agreement is that request's over its first ``tokens``
+        tokens (what a request of this length serves: free-running agreement falls with length, as one
+        divergence shifts every later token); the perplexity stays the calibrated continuation's."""
+        _, _, mean, draws, ppl, hits = self.task_stats[task]
         if not draws:
             return float(mean), None
+
+        def agreement(j: int) -> float:
+            c = hits[j] if hits else None
+            if c is None or len(c) < 2:
+                return float(draws[j])
+            k = min(max(int(tokens), 1), len(c) - 1)
+            return float(c[k]) / k
+
         j = int(self.rng.integers(len(draws))) if self.noise else None
         if j is None:
-            return float(np.mean(draws)), (float(np.mean(ppl)) if ppl else None)
-        return float(draws[j]), (float(ppl[j]) if ppl else None)
+            return (float(np.mean([agreement(i) for i in range(len(draws))])),
+                    (float(np.mean(ppl)) if ppl else None))
+        return agreement(j), (float(ppl[j]) if ppl else None)
 
     def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
                   finished: int, arrivals: int, task_tokens: np.ndarray | None = None) -> TelemetrySnapshot:

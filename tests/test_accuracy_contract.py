@@ -185,3 +185,35 @@ def test_a_reference_perplexity_floor_binds_goodput_on_both_backends(probe_scena
         _, good, infos = run_policy(env, full)
         env.close()
         assert good == 0 and sum(i["slo_met"] for i in infos) > 0, backend  # on time, but not good enough
+
+
+def test_fidelity_compares_the_goodput_both_backends_score_on_one_config_sequence(probe_scenario, probe_profile):
+    """`helios-rl fidelity` replays the live configs on the simulator and compares what a leaderboard
+    scores (goodput: the quality floor binds in this scenario), not only throughput and latency."""
+    from helios_rl.env.fidelity import fidelity, rel_err
+    from helios_rl.scenario import Scenario
+
+    rep = fidelity(Scenario.from_yaml(probe_scenario), str(probe_profile), ("static",), seed=500000)
+    c = rep["controllers"]["static"]
+    assert set(rep["mean_rel_err"]) == {"throughput", "ttft_p95", "tpot_p95", "goodput"}
+    for side in ("live", "sim"):
+        s = c[side]
+        assert 0 <= s["goodput_tokens"] <= s["output_tokens"]
+        assert s["goodput_tps"] == pytest.approx(s["goodput_tokens"] / s["elapsed_s"])
+    assert c["rel_err"]["goodput"] == pytest.approx(rel_err(c["sim"]["goodput_tps"], c["live"]["goodput_tps"]))
+    assert c["live"]["goodput_tokens"] < c["live"]["output_tokens"], "the floor fails some served requests"
+
+
+def test_live_backend_refuses_an_slo_still_relative_to_the_machine(probe_scenario, tmp_path):
+    from helios_rl.env.live import LiveBackend
+    from helios_rl.env.workload import EpisodeWorkload
+    from helios_rl.scenario import Scenario
+
+    text = probe_scenario.read_text().replace("ttft_s: 100.0, tpot_s: 100.0",
+                                              "ttft_s: {x_step: 40, batch: 4}, tpot_s: {x_step: 3, batch: 4}")
+    path = tmp_path / "relative.yaml"
+    path.write_text(text)
+    sc = Scenario.from_yaml(path)
+    assert sc.slo.relative
+    with pytest.raises(ValueError, match="not resolved"):
+        LiveBackend(sc, EpisodeWorkload(sc))

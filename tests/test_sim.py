@@ -116,3 +116,33 @@ def test_a_requests_agreement_is_its_calibrated_matches_over_its_own_length(nois
     assert agreement(prof, 40) == pytest.approx(0.25)  # longer than calibrated: the calibrated length
     del point["request_matches"]  # a profile without matches: the calibrated per-request agreements
     assert agreement(prof, 4) == pytest.approx(0.25)
+
+
+def test_a_backend_refuses_an_slo_still_relative_to_the_machine():
+    """An x_step SLO is NaN seconds until resolved from a profile: every request would miss it silently."""
+    sc = _scenario()
+    sc.slo = SLO(ttft_s=float("nan"), tpot_s=float("nan"), relative=(("ttft_s", 40.0, 8), ("tpot_s", 2.0, 8)))
+    with pytest.raises(ValueError, match=r"relative to the machine \(x_step\) and not resolved"):
+        SimBackend(_profile(), sc, _workload)
+
+
+def test_without_noise_goodput_is_the_expected_share_of_requests_meeting_the_floor():
+    """One mean agreement for every request would pass or fail them all at once under a per-request floor;
+    the deterministic simulator credits each request with the share of its calibrated draws that pass."""
+    prof = _profile()
+    prof.models["m"].exits["4:0.900"]["request_agreements"] = [1.0, 0.5]  # mean 0.75: under the floor
+    sc = _scenario()
+    sc.slo = SLO(ttft_s=100.0, tpot_s=100.0, agreement_floor=0.9)
+
+    def good(noise: bool, seed: int = 0) -> tuple[float, int]:
+        sim = SimBackend(prof, sc, _workload, noise=noise)
+        sim.reset(seed, ServingConfig(model="m", depth=4, max_batch=8, threshold=0.9))
+        g = 0.0
+        while not sim.finished:
+            g += sim.advance(0.02).good_tokens
+        return g, sim.summary()["output_tokens"]
+
+    g, total = good(False)
+    assert g == pytest.approx(0.5 * total)
+    g, total = good(True)  # with noise each request draws one measured request: all of its tokens or none
+    assert 0 < g < total and float(g).is_integer()

@@ -48,7 +48,9 @@ class Interval:
     busy_s: float = 0.0  # seconds the engine computed (energy estimate)
     failure: str | None = None  # a real serving failure (terminates the episode)
     slo_met_tokens: int = 0  # output tokens of the requests counted in ``slo_met``
-    good_tokens: int = 0  # goodput: tokens of requests meeting the SLO *and* the quality floors
+    # goodput: tokens of requests meeting the SLO *and* the quality floors (the simulator without noise: the
+    # expected tokens, each request weighted by the share of its calibrated draws that meet the floors)
+    good_tokens: float = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -130,3 +132,14 @@ def thr_key(threshold: float | None) -> str:
 def config_hash(folder: Path) -> str:
     """Hash of a model folder's ``config.json`` (a profile names the exact models it measured)."""
     return hashlib.sha256((Path(folder) / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def require_resolved_slo(scenario, who: str) -> None:
+    """A backend scores requests against the SLO in seconds: one still written relative to the machine
+    (``x_step``) would compare against NaN and fail every request silently, so it is refused."""
+    slo = getattr(scenario, "slo", None)
+    if slo is not None and getattr(slo, "relative", ()):
+        names = ", ".join(name for name, _, _ in slo.relative)
+        raise ValueError(f"{who}: the scenario's SLO ({names}) is relative to the machine (x_step) and not resolved; "
+                         f"resolve it from a calibrated profile first (helios_rl.scenario.resolve_slo, as the "
+                         f"environment does)")

@@ -2,7 +2,8 @@
 
 A controller (static, helios, random) drives the live backend, one ``decide`` per control interval;
 the configs it applied, interval by interval, are then replayed on the simulator (no controller:
-the same action sequence). Episode throughput, TTFT p95 and TPOT p95 are compared as relative
+the same action sequence). Episode throughput, TTFT p95, TPOT p95 and goodput (what a leaderboard
+scores: tokens of requests meeting the SLO and the quality floors, per second) are compared as relative
 errors ``|sim - live| / live``; agreement (free-running, measured on live, predicted by the
 simulator) as the absolute difference.
 """
@@ -15,7 +16,7 @@ from typing import Callable
 from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.telemetry import TelemetrySnapshot
 
-METRICS = {"throughput": "tokens_per_s", "ttft_p95": "ttft_p95", "tpot_p95": "tpot_p95"}
+METRICS = {"throughput": "tokens_per_s", "ttft_p95": "ttft_p95", "tpot_p95": "tpot_p95", "goodput": "goodput_tps"}
 
 
 def drive_controller(backend, controller, interval_s: float, seed: int, max_intervals: int = 100_000
@@ -27,12 +28,14 @@ def drive_controller(backend, controller, interval_s: float, seed: int, max_inte
         raise ValueError(f"controller {controller.name!r} must return a complete config first")
     backend.reset(seed, first)
     seq: list[ServingConfig | None] = [first]
+    good = 0
     for _ in range(max_intervals):
         if backend.finished:
             break
         iv = backend.advance(interval_s)
         if iv.failure:
             raise RuntimeError(f"live backend failed: {iv.failure}")
+        good += iv.good_tokens
         cfg = controller.decide(iv.snapshot)
         seq.append(cfg)
         if cfg is not None:
@@ -40,24 +43,31 @@ def drive_controller(backend, controller, interval_s: float, seed: int, max_inte
                 backend.apply(cfg)
             except ValueError:
                 seq[-1] = None  # the engine rejected it: the replay keeps the config too
-    return backend.summary(), seq
+    return _with_goodput(backend.summary(), good), seq
+
+
+def _with_goodput(summary: dict, good_tokens: int) -> dict:
+    """The summary with the episode's goodput: tokens of requests meeting the SLO and the quality floors."""
+    return {**summary, "goodput_tokens": float(good_tokens),
+            "goodput_tps": good_tokens / summary["elapsed_s"] if summary.get("elapsed_s") else 0.0}
 
 
 def replay_configs(backend, seq: list[ServingConfig | None], interval_s: float, seed: int,
                    max_intervals: int = 100_000) -> dict:
     """Serve the seed's trace applying ``seq`` (first entry: the initial config) interval by interval."""
     backend.reset(seed, seq[0])
+    good = 0
     for k in range(1, max_intervals):
         if backend.finished:
             break
-        backend.advance(interval_s)
+        good += backend.advance(interval_s).good_tokens
         cfg = seq[k] if k < len(seq) else None
         if cfg is not None:
             try:
                 backend.apply(cfg)
             except ValueError:
                 pass
-    return backend.summary()
+    return _with_goodput(backend.summary(), good)
 
 
 def rel_err(sim: float, live: float) -> float:
@@ -74,10 +84,12 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     from helios_rl.env.workload import EpisodeWorkload
     from helios_rl.evaluation.profiling import ensure_repository
     from helios_rl.evaluation.runtime import set_threads
+    from helios_rl.scenario import resolve_slo
 
-    sc = scenario
     prof = SimProfile.load(profile_path)
-    prof.check(sc, str(profile_path))
+    prof.check(scenario, str(profile_path))
+    # relative SLOs (x_step) in seconds on this machine, from the profile, as the environment resolves them
+    sc = resolve_slo(scenario, lambda m, b: prof.models[m].step_time(b))
     work = EpisodeWorkload(sc)
     prev = set_threads(sc.engine.threads)
     live = LiveBackend(sc, work)
@@ -85,7 +97,9 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     interval = sc.backend.interval_s
     profiles = ensure_repository(sc, live.loader, live.timer, say)
     ctx = ControllerContext.for_scenario(sc, profiles)
-    out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval, "controllers": {}}
+    out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval,
+                 "slo": {"ttft_s": sc.slo.ttft_s, "tpot_s": sc.slo.tpot_s, "agreement_floor": sc.slo.agreement_floor,
+                         "max_reference_ppl": sc.slo.max_reference_ppl}, "controllers": {}}
     try:
         for name in controllers:
             ctrl = make_controller(name, ctx, sc.params(name))

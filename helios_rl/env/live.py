@@ -26,7 +26,7 @@ from helios_rl.engine.config import ServingConfig
 from helios_rl.scenario import exit_setting
 from helios_rl.engine.engine import Engine
 from helios_rl.engine.request import RequestError, SamplingParams
-from helios_rl.env.backend import Interval, admissible_table, episode_summary
+from helios_rl.env.backend import Interval, admissible_table, episode_summary, require_resolved_slo
 from helios_rl.evaluation.accuracy import Segment
 from helios_rl.evaluation.replay import format_prompt
 from helios_rl.evaluation.scorer import ScoreTotals, ServedRequest, quality_ok
@@ -69,6 +69,7 @@ class LiveBackend:
         if clock not in ("virtual", "wall"):
             raise ValueError(f"clock must be 'virtual' or 'wall', got {clock!r}")
         sc = self.scenario = scenario
+        require_resolved_slo(sc, "the live backend")
         self.workload, self.clock_kind = workload, clock
         self.timer = Timer("wall" if clock == "wall" else (timing or sc.backend.timing))
         self.device = resolve_device(sc.engine.device)

@@ -28,7 +28,7 @@ import numpy as np
 from helios_rl.engine.config import ServingConfig
 from helios_rl.scenario import exit_setting
 from helios_rl.engine.telemetry import TelemetrySnapshot
-from helios_rl.env.backend import Interval, episode_summary, percentiles
+from helios_rl.env.backend import Interval, episode_summary, percentiles, require_resolved_slo
 from helios_rl.env.profile import ModelSim, SimProfile, head_evals_per_layer
 
 
@@ -36,6 +36,7 @@ class SimBackend:
     """Simulated serving loop (see module docstring). ``workload(seed)`` gives the request arrays."""
 
     def __init__(self, profile: SimProfile, scenario, workload, noise: bool = True, randomize: float = 0.0) -> None:
+        require_resolved_slo(scenario, "the simulator")
         self.profile, self.scenario, self.workload = profile, scenario, workload
         self.noise, self.randomize = bool(noise), float(randomize)
         self.models = tuple(scenario.models)
@@ -307,10 +308,10 @@ class SimBackend:
                     ok = ok and tpot <= slo_tpot
                 met, missed, finished = met + ok, missed + (not ok), finished + 1
                 met_tokens += nt if ok else 0
-                a, ppl = self._draw(row[6], nt)
+                a, passes = self._quality(row[6], nt, floor, max_ppl)
                 agree_sum, agree_tokens = agree_sum + a * nt, agree_tokens + nt
-                if ok and a >= floor and (max_ppl is None or ppl is None or ppl <= max_ppl):
-                    good_tokens += nt
+                if ok:
+                    good_tokens += nt * passes
             if self.now >= t_end:
                 break
         self._arrive()
@@ -329,15 +330,18 @@ class SimBackend:
         return Interval(snap, met, missed, agreement, busy, slo_met_tokens=met_tokens, good_tokens=good_tokens,
                         extra=extra)
 
-    def _draw(self, task: int, tokens: int) -> tuple[float, float | None]:
-        """A finishing request's free-running agreement (and reference perplexity) under the config in
-        force: one of its task's measured requests, or the task's mean where none were recorded. Where the
-        profile recorded token-by-token matches, the agreement is that request's over its first ``tokens``
-        tokens (what a request of this length serves: free-running agreement falls with length, as one
-        divergence shifts every later token); the perplexity stays the calibrated continuation's."""
+    def _quality(self, task: int, tokens: int, floor: float, max_ppl: float | None) -> tuple[float, float]:
+        """A finishing request's free-running agreement under the config in force, and whether it meets the
+        quality floors (agreement, and the reference perplexity where calibrated). With noise: one of its
+        task's measured requests, drawn (passes 1 or 0). Without: the mean over them, and the *share* of
+        them that meets the floors, so goodput is the noisy simulator's expectation (one mean agreement
+        for every request would pass or fail them all at once). Where the profile recorded token-by-token
+        matches, agreement is over the request's first ``tokens`` tokens (what a request of this length
+        serves: free-running agreement falls with length, as one divergence shifts every later token);
+        the perplexity stays the calibrated continuation's. No measured requests: the task's mean."""
         _, _, mean, draws, ppl, hits = self.task_stats[task]
         if not draws:
-            return float(mean), None
+            return float(mean), float(mean >= floor)
 
         def agreement(j: int) -> float:
             c = hits[j] if hits else None
@@ -346,11 +350,15 @@ class SimBackend:
             k = min(max(int(tokens), 1), len(c) - 1)
             return float(c[k]) / k
 
-        j = int(self.rng.integers(len(draws))) if self.noise else None
-        if j is None:
-            return (float(np.mean([agreement(i) for i in range(len(draws))])),
-                    (float(np.mean(ppl)) if ppl else None))
-        return agreement(j), (float(ppl[j]) if ppl else None)
+        def passes(j: int, a: float) -> bool:
+            return a >= floor and (max_ppl is None or not ppl or ppl[j] <= max_ppl)
+
+        if self.noise:
+            j = int(self.rng.integers(len(draws)))
+            a = agreement(j)
+            return a, float(passes(j, a))
+        a = [agreement(j) for j in range(len(draws))]
+        return float(np.mean(a)), float(np.mean([passes(j, x) for j, x in enumerate(a)]))
 
     def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
                   finished: int, arrivals: int, task_tokens: np.ndarray | None = None) -> TelemetrySnapshot:

@@ -137,8 +137,8 @@ def config_hash(folder: Path) -> str:
 def require_resolved_slo(scenario, who: str) -> None:
     """A backend scores requests against the SLO in seconds: one still written relative to the machine
     (``x_step``) would compare against NaN and fail every request silently, so it is refused."""
-    slo = getattr(scenario, "slo", None)
-    if slo is not None and getattr(slo, "relative", ()):
+    slo = scenario.slo
+    if slo.relative:
         names = ", ".join(name for name, _, _ in slo.relative)
         raise ValueError(f"{who}: the scenario's SLO ({names}) is relative to the machine (x_step) and not resolved; "
                          f"resolve it from a calibrated profile first (helios_rl.scenario.resolve_slo, as the "

@@ -11,6 +11,7 @@ simulator) as the absolute difference.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Callable
 
 from helios_rl.engine.config import ServingConfig
@@ -46,7 +47,7 @@ def drive_controller(backend, controller, interval_s: float, seed: int, max_inte
     return _with_goodput(backend.summary(), good), seq
 
 
-def _with_goodput(summary: dict, good_tokens: int) -> dict:
+def _with_goodput(summary: dict, good_tokens: float) -> dict:
     """The summary with the episode's goodput: tokens of requests meeting the SLO and the quality floors."""
     return {**summary, "goodput_tokens": float(good_tokens),
             "goodput_tps": good_tokens / summary["elapsed_s"] if summary.get("elapsed_s") else 0.0}
@@ -97,9 +98,7 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     interval = sc.backend.interval_s
     profiles = ensure_repository(sc, live.loader, live.timer, say)
     ctx = ControllerContext.for_scenario(sc, profiles)
-    out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval,
-                 "slo": {"ttft_s": sc.slo.ttft_s, "tpot_s": sc.slo.tpot_s, "agreement_floor": sc.slo.agreement_floor,
-                         "max_reference_ppl": sc.slo.max_reference_ppl}, "controllers": {}}
+    out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval, "slo": asdict(sc.slo), "controllers": {}}
     try:
         for name in controllers:
             ctrl = make_controller(name, ctx, sc.params(name))

@@ -245,7 +245,8 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
         from dataclasses import replace
 
         slo = scenario.slo
-        text = repr(replace(scenario, slo=None)).encode() + repr([_calibrated_slo(k, getattr(slo, k)) for k in _SLO_CALIBRATED]).encode()
+        kept = [_calibrated_slo(k, getattr(slo, k)) for k in _SLO_CALIBRATED]
+        text = repr(replace(scenario, slo=None)).encode() + repr(kept).encode()
     if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
         text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]

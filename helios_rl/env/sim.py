@@ -157,11 +157,8 @@ class SimBackend:
             for t in self.task_names:
                 p, breach, agree, _ = ms.exit_stats(depth, threshold, t)
                 draws, ppl, matches = ms.request_draws(depth, threshold, t)
-                if matches and len(matches) == len(draws):  # cumulative hits: agreement of any prefix in O(1)
-                    matches = [np.concatenate(([0], np.cumsum([c == "1" for c in m]))) for m in matches]
-                else:
-                    matches = []
-                per.append((p / p.sum() if p.sum() > 0 else p, breach, agree, draws, ppl, matches))
+                per.append((p / p.sum() if p.sum() > 0 else p, breach, agree, np.asarray(draws, dtype=float),
+                            np.asarray(ppl, dtype=float) if ppl else None, self._prefix_hits(matches, len(draws))))
             self._derived[tkey] = per
         self.task_stats = self._derived[tkey]
         self.weight_bytes = ms.weight_bytes[depth - 1]
@@ -330,6 +327,17 @@ class SimBackend:
         return Interval(snap, met, missed, agreement, busy, slo_met_tokens=met_tokens, good_tokens=good_tokens,
                         extra=extra)
 
+    @staticmethod
+    def _prefix_hits(matches: list[str], n: int) -> np.ndarray | None:
+        """``[n, K + 1]`` cumulative hits of the calibrated requests' token-by-token matches (cut to the
+        shortest, K tokens): the agreement of every request over its first k tokens is column k / k. None
+        where the profile recorded no matches (the calibrated per-request agreements are used instead)."""
+        if not matches or len(matches) != n or min(map(len, matches)) < 1:
+            return None
+        K = min(map(len, matches))
+        bits = np.array([[c == "1" for c in m[:K]] for m in matches], dtype=np.int64)
+        return np.concatenate((np.zeros((n, 1), dtype=np.int64), np.cumsum(bits, axis=1)), axis=1)
+
     def _quality(self, task: int, tokens: int, floor: float, max_ppl: float | None) -> tuple[float, float]:
         """A finishing request's free-running agreement under the config in force, and whether it meets the
         quality floors (agreement, and the reference perplexity where calibrated). With noise: one of its
@@ -340,25 +348,18 @@ class SimBackend:
         serves: free-running agreement falls with length, as one divergence shifts every later token);
         the perplexity stays the calibrated continuation's. No measured requests: the task's mean."""
         _, _, mean, draws, ppl, hits = self.task_stats[task]
-        if not draws:
+        if not len(draws):
             return float(mean), float(mean >= floor)
-
-        def agreement(j: int) -> float:
-            c = hits[j] if hits else None
-            if c is None or len(c) < 2:
-                return float(draws[j])
-            k = min(max(int(tokens), 1), len(c) - 1)
-            return float(c[k]) / k
-
-        def passes(j: int, a: float) -> bool:
-            return a >= floor and (max_ppl is None or not ppl or ppl[j] <= max_ppl)
-
-        if self.noise:
-            j = int(self.rng.integers(len(draws)))
-            a = agreement(j)
-            return a, float(passes(j, a))
-        a = [agreement(j) for j in range(len(draws))]
-        return float(np.mean(a)), float(np.mean([passes(j, x) for j, x in enumerate(a)]))
+        rows = slice(None) if not self.noise else int(self.rng.integers(len(draws)))
+        if hits is None:
+            a = draws[rows]
+        else:
+            k = min(max(int(tokens), 1), hits.shape[1] - 1)
+            a = hits[rows, k] / k
+        ok = a >= floor
+        if max_ppl is not None and ppl is not None:
+            ok = ok & (ppl[rows] <= max_ppl)
+        return (float(a), float(ok)) if self.noise else (float(np.mean(a)), float(np.mean(ok)))
 
     def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
                   finished: int, arrivals: int, task_tokens: np.ndarray | None = None) -> TelemetrySnapshot:

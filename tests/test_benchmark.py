@@ -37,7 +37,7 @@ def tiny_suite(tiny_scenario, tmp_path):
 def cli(suite, agents, out, *extra) -> list[str]:
     # suite and agents relative to the command's folder, as a user types them (Ray Tune runs trials elsewhere)
     return [sys.executable, "-m", "helios_rl.cli", "benchmark", suite.name, "--out", str(out), "--agents", "ppo,dqn",
-            "--baselines", "static,best-static,helios,aimd", "--train-seeds", "2", "--test-seeds", "2",
+            "--baselines", "static,best-static,helios,aimd,tuned-aimd", "--train-seeds", "2", "--test-seeds", "2",
             "--agents-dir", agents.name, "--workers", "2", *extra]
 
 
@@ -74,6 +74,11 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
         assert row["repro_spread"] is not None and isinstance(row["ranking_stable"], bool)
         sc = board["scenarios"][key]["stats"]
         assert sc["methods"]["ppo"]["runs"] == 2 and sc["methods"]["static"]["runs"] == 1
+        assert sc["methods"]["tuned-aimd"]["runs"] == 1
+        tuned = board["scenarios"][key]["tuned_aimd"]  # searched on development seeds, recorded with its score
+        prep = json.loads((out / "trials" / f"prepare__{key.split('/')[0]}.json").read_text())
+        assert tuned == max(prep["tuned_aimd_grid"], key=lambda r: r["goodput_tps"])
+        assert len({json.dumps(r["point"], sort_keys=True) for r in prep["tuned_aimd_grid"]}) > 1
         assert sc["methods"]["ppo"]["tasks"] == 2
     shards = [json.loads(p.read_text()) for p in (out / "trials").glob("eval__*.json")]
     assert all(s["seed"] >= 1_000_000 for s in shards)
@@ -100,6 +105,21 @@ def test_another_configuration_cannot_resume_into_the_same_folder(tiny_suite, tm
     cfg = BenchConfig(scenarios=suite_scenarios(suite), agents=("ppo",), train_seeds=1, test_seeds=1)
     with pytest.raises(ValueError, match="another configuration"):
         run_benchmark(cfg, out, str(suite))
+
+
+def test_unknown_methods_are_refused_before_anything_runs(tiny_suite, tmp_path):
+    from helios_rl.bench.plan import BenchConfig, suite_scenarios
+
+    suite, agents = tiny_suite
+    with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['tuned_aimd'\]; known: .*tuned-aimd"):
+        BenchConfig(scenarios=suite_scenarios(suite), baselines=("static", "tuned_aimd"))
+    with pytest.raises(ValueError, match=r"unknown backend\(s\) \['gpu'\]"):
+        BenchConfig(scenarios=suite_scenarios(suite), backends=("gpu",))
+    res = subprocess.run([sys.executable, "-m", "helios_rl.cli", "benchmark", suite.name, "--out", "x", "--agents",
+                          "ppo,sac", "--agents-dir", agents.name], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode != 0 and "no agent file for ['sac'] in agents/" in res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def _shards(scores: dict[str, list[float]], behaviour: dict[str, str]) -> list[dict]:

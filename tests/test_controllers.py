@@ -279,3 +279,51 @@ def test_aimd_cuts_the_batch_on_a_tpot_miss_and_grows_it_with_headroom():
     for _ in range(200):
         ctrl.decide(ok)
     assert ctrl.cap == ctx.admissible("a", first.depth)  # never above what the budget admits
+
+
+def test_aimd_serves_its_depth_and_setting_and_refuses_a_depth_beyond_the_model():
+    from helios_rl.controllers.aimd import AimdController
+    from helios_rl.controllers.params import AimdParams
+
+    from dataclasses import replace
+
+    ctx = replace(context(profile("a"), objective="goodput"), threshold=0.95, exit_mode="target")
+    first = AimdController(ctx, AimdParams(depth=12, setting=0.99)).decide(TelemetrySnapshot())
+    assert first.depth == 12 and first.target == 0.99 and first.threshold is None
+    default = AimdController(ctx, AimdParams()).decide(TelemetrySnapshot())
+    assert default.target == 0.95
+    with pytest.raises(ValueError, match="controllers.aimd.depth: 13 is beyond a's 12 layers"):
+        AimdController(ctx, AimdParams(depth=13)).decide(TelemetrySnapshot())
+
+
+def test_aimd_holds_a_new_cap_and_can_judge_it_by_the_step_time():
+    from helios_rl.controllers.aimd import AimdController
+    from helios_rl.controllers.params import AimdParams
+
+    ctx = context(profile("a"), objective="goodput")
+    ctrl = AimdController(ctx, AimdParams(initial_batch=10, decrease=0.5, hold=2))
+    ctrl.decide(TelemetrySnapshot())
+    miss = TelemetrySnapshot(steps=5, requests_finished=3, tpot_p95=2.0, waiting=4)  # SLO tpot 1.0
+    assert [ctrl.decide(miss) for _ in range(2)] == [None, None]  # held: the first cap's own requests
+    assert ctrl.decide(miss).max_batch == 5
+    assert ctrl.decide(miss) is None  # the new cap is held again
+    # step_time: 5 steps in 10 s is 2 s a token, a miss although no request finished in the window
+    step = AimdController(ctx, AimdParams(initial_batch=10, decrease=0.5, signal="step_time"))
+    step.decide(TelemetrySnapshot())
+    slow = TelemetrySnapshot(steps=5, window_s=10.0, requests_finished=0, tpot_p95=0.0, waiting=4)
+    assert step.decide(slow).max_batch == 5
+    fast = TelemetrySnapshot(steps=20, window_s=1.0, requests_finished=0, waiting=4)
+    assert step.decide(fast).max_batch == 7
+    with pytest.raises(ParamError, match="controllers.aimd.signal"):
+        parse_params("aimd", {"signal": "ttft"})
+
+
+def test_aimd_without_the_ttft_decrease_ignores_queueing():
+    from helios_rl.controllers.aimd import AimdController
+    from helios_rl.controllers.params import AimdParams
+
+    ctx = context(profile("a"), objective="goodput")
+    queued = TelemetrySnapshot(steps=5, requests_finished=3, tpot_p95=0.5, ttft_p95=1e6, waiting=4)
+    on, off = (AimdController(ctx, AimdParams(initial_batch=10, ttft_decrease=t)) for t in (True, False))
+    on.decide(TelemetrySnapshot()), off.decide(TelemetrySnapshot())
+    assert on.decide(queued).max_batch == 7 and off.decide(queued).max_batch == 12

@@ -153,6 +153,12 @@ def markdown(board: dict) -> str:
              "(stratified bootstrap over runs; ratios paired over test seeds, rliable's protocol)", ""]
     for key, sc in board["scenarios"].items():
         lines += [f"## {key}", "", f"SLO: {sc.get('slo')}", ""]
+        for label, k in (("best-static", "best_static"), ("tuned-aimd", "tuned_aimd")):
+            if sc.get(k):
+                lines.append(f"- `{label}` (searched on development seeds, simulator): "
+                             + ", ".join(f"{n}={v}" for n, v in sc[k]["point"].items() if v is not None)
+                             + f"; {sc[k]['goodput_tps']:.2f} tok/s there")
+        lines.append("")
         lines += ["| method | runs | IQM goodput | 95 % CI | vs best baseline | 95 % CI | P(improve) |",
                   "|---|---|---|---|---|---|---|"]
         st = sc["stats"]

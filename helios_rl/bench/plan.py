@@ -4,7 +4,7 @@ A *trial* is one unit of work with a stable id (so a killed run resumes by skipp
 
 * ``prepare/<scenario>``: calibrate the simulator on the live engine (cached), resolve the scenario's
   relative SLOs on this machine, build the controllers' model repository, and search the best static
-  config on development seeds in the simulator;
+  config and the tuned AIMD rule's settings on development seeds in the simulator;
 * ``train/<scenario>/<agent>/<seed>``: train one agent in the simulator with one (development) training
   seed;
 * ``eval/<scenario>/<backend>/r<repeat>/<test seed>``: one test workload seed, every method in turn
@@ -23,7 +23,7 @@ from helios_rl.seeds import test_seeds
 
 AGENTS = ("ppo", "maskable_ppo", "dqn")
 QUICK = ("steady", "exit-lever")
-BASELINES = ("static", "best-static", "helios", "aimd", "random")
+BASELINES = ("static", "best-static", "helios", "aimd", "tuned-aimd", "random")
 
 
 @dataclass
@@ -45,6 +45,14 @@ class BenchConfig:
     agents_dir: str = "agents"
     quick: bool = False
 
+    def __post_init__(self) -> None:
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad}; known: {', '.join(BASELINES)}")
+        bad = [b for b in self.backends if b not in ("sim", "live")]
+        if bad:
+            raise ValueError(f"unknown backend(s) {bad}; known: sim, live")
+
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -56,11 +64,11 @@ class BenchConfig:
 def quick(cfg: BenchConfig) -> BenchConfig:
     """The reduced configuration ``--quick`` runs: two scenarios (the suite's ``steady`` and ``exit-lever`` where
     present, else its first two), PPO and DQN, 2 training seeds of 2,048 steps, 2 test seeds, static /
-    best-static / HELIOS / AIMD baselines, the sim and live backends on both, calibration on 300 tokens per
+    best-static / HELIOS / AIMD / tuned AIMD baselines, the sim and live backends on both, calibration on 300 tokens per
     point."""
     preferred = [s for name in QUICK for s in cfg.scenarios if Path(s).stem == name]
     scen = (preferred if len(preferred) == 2 else cfg.scenarios)[:2]
-    return BenchConfig(scenarios=scen, agents=("ppo", "dqn"), baselines=("static", "best-static", "helios", "aimd"),
+    return BenchConfig(scenarios=scen, agents=("ppo", "dqn"), baselines=("static", "best-static", "helios", "aimd", "tuned-aimd"),
                        train_seeds=2, test_seeds=2, timesteps=2048, backends=cfg.backends,
                        live_scenarios=None, repeat=cfg.repeat, calib_min_tokens=300, best_static_seeds=2,
                        best_static_points=6, agents_dir=cfg.agents_dir, quick=True)

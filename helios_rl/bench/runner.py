@@ -127,7 +127,8 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
             key = f"{name}/{backend}"
             rp = repro(per_repeat)
             board["scenarios"][key] = {"stats": per_repeat[0], "repro": rp, "slo": prep.get("slo"),
-                                       "best_static": prep.get("best_static"), "workers": sorted(workers)}
+                                       "best_static": prep.get("best_static"), "tuned_aimd": prep.get("tuned_aimd"),
+                                       "workers": sorted(workers)}
             head = per_repeat[0].get("best_agent_vs_best_baseline_iqm") or {}
             board["summary"][key] = {"best_agent_vs_best_baseline_iqm": head.get("value"), "ci": head.get("ci"),
                                      "best_agent": per_repeat[0]["best_agent"],

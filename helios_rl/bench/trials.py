@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import platform
 import socket
 import time
@@ -112,7 +113,8 @@ def static_grid(env, admissible) -> list[tuple[str, int, int, float]]:
 def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
     """Calibrate, resolve the SLOs, and search the best static config on development seeds (simulator)."""
     from helios_rl.agents.compare import run_episode
-    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.aimd import AimdController
+    from helios_rl.controllers.params import StaticParams, params_dict
     from helios_rl.controllers.static import StaticController
     from helios_rl.scenario import load_scenario
 
@@ -131,11 +133,44 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
         table.append({"point": {k: getattr(point, k) for k in ("model", "depth", "max_batch", "setting")},
                       "goodput_tps": sum(e["goodput_tps"] for e in eps) / len(eps)})
     best = max(table, key=lambda r: r["goodput_tps"])
-    slo = env.scenario.slo
-    return {"profile": profile, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
-                                        "agreement_floor": slo.agreement_floor,
-                                        "relative": [list(r) for r in load_scenario(spec["scenario"]).slo.relative]},
-            "best_static": best, "best_static_seeds": seeds, "best_static_grid": table}
+    out = {"profile": profile, "slo": {**asdict(env.scenario.slo),
+                                       "relative": [list(r) for r in load_scenario(spec["scenario"]).slo.relative]},
+           "best_static": best, "best_static_seeds": seeds, "best_static_grid": table}
+    if "tuned-aimd" in cfg["baselines"]:
+        aimd = [{"point": params_dict(pt), "goodput_tps": _mean_goodput(env, AimdController(ctx, pt), seeds)}
+                for pt in aimd_grid(env, ctx, sc.params("aimd"))]
+        out.update(tuned_aimd=max(aimd, key=lambda r: r["goodput_tps"]), tuned_aimd_grid=aimd)
+    return out
+
+
+def _mean_goodput(env, controller, seeds: list[int]) -> float:
+    from helios_rl.agents.compare import run_episode
+
+    return sum(run_episode(env, controller, s)["goodput_tps"] for s in seeds) / len(seeds)
+
+
+AIMD_KNOBS = {"increase": (1, 2, 4), "hold": (0, 2, 8), "headroom": (0.8, 0.95), "signal": ("tpot_p95", "step_time")}
+
+
+def aimd_grid(env, ctx, base) -> list[Any]:
+    """``tuned-aimd``'s search space: the rule (``base``: the scenario's AIMD params) on every model that fits,
+    at its own depth rule and at full depth, at every exit setting of the scenario, crossed with
+    :data:`AIMD_KNOBS` (additive step, decisions a new cap is held, TPOT headroom, TPOT signal)."""
+    import itertools
+    from dataclasses import replace
+
+    from helios_rl.controllers.aimd import AimdController
+
+    grid = []
+    for model in env.models:
+        if ctx.admissible(model, 1) < 1:
+            continue
+        ruled = AimdController(ctx, replace(base, model=model, depth=None))._plan()[1]
+        depths = [d for d in sorted({ruled, ctx.profile(model).num_layers}) if ctx.admissible(model, d) >= 1]
+        for depth, setting, *knobs in itertools.product(depths, env.thresholds, *AIMD_KNOBS.values()):
+            grid.append(replace(base, model=model, depth=int(depth), setting=float(setting),
+                                **dict(zip(AIMD_KNOBS, knobs))))
+    return grid
 
 
 # ----------------------------------------------------------------------------- train
@@ -156,7 +191,8 @@ def _eval(spec: dict, cfg: dict, out: Path) -> dict:
     """Every method on one test seed, in an order rotated by the seed (interleaved across shards)."""
     from helios_rl.agents.compare import run_episode
     from helios_rl.controllers import make_controller
-    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.aimd import AimdController
+    from helios_rl.controllers.params import StaticParams, parse_params
     from helios_rl.controllers.policy import load_policy
     from helios_rl.controllers.static import StaticController
     from helios_rl.scenario import load_scenario
@@ -172,6 +208,10 @@ def _eval(spec: dict, cfg: dict, out: Path) -> dict:
     for b in cfg["baselines"]:
         if b == "best-static":
             methods.append((b, "0", StaticController(ctx, StaticParams(**prep["best_static"]["point"]))))
+        elif b == "tuned-aimd":
+            if "tuned_aimd" not in prep:
+                raise RuntimeError(f"{spec['id']}: prepare/{name} did not tune AIMD (its run had no tuned-aimd)")
+            methods.append((b, "0", AimdController(ctx, parse_params("aimd", prep["tuned_aimd"]["point"]))))
         else:
             methods.append((b, "0", make_controller(b, ctx, sc.params(b))))
     for agent in cfg["agents"]:

@@ -9,7 +9,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="a reproducible leaderboard for a scenario suite (Ray Tune; resumable)",
         description="Train every agent (simulator, several training seeds), evaluate every method (baselines: "
-                    "static, best-static searched on development seeds, HELIOS, AIMD, random; every trained run) "
+                    "static, best-static and AIMD tuned on development seeds, HELIOS, AIMD, random; every trained run) "
                     "on held-out test seeds on the simulator and the live engine, and write leaderboard.md, "
                     "leaderboard.json and plots (IQM with stratified-bootstrap CIs over runs, performance "
                     "profiles, probability of improvement). --quick runs a reduced configuration (the suite's "
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="benchmark folder (trials, runs, leaderboard)")
     p.add_argument("--quick", action="store_true", help="the reduced configuration described above")
     p.add_argument("--agents", default="ppo,maskable_ppo,dqn")
-    p.add_argument("--baselines", default="static,best-static,helios,aimd,random")
+    p.add_argument("--baselines", default="static,best-static,helios,aimd,tuned-aimd,random")
     p.add_argument("--train-seeds", type=int, default=5)
     p.add_argument("--test-seeds", type=int, default=5)
     p.add_argument("--timesteps", type=int, default=None, help="per training run (default: each agent file's)")
@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rich.console import Console
 
     from helios_rl.bench.plan import BenchConfig, quick, suite_scenarios
@@ -49,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
                       agents_dir=args.agents_dir)
     if args.quick:
         cfg = quick(cfg)
+    missing = [a for a in cfg.agents if not (Path(cfg.agents_dir) / f"{a}.yaml").is_file()]
+    if missing:
+        raise ValueError(f"no agent file for {missing} in {cfg.agents_dir}/ (an agent is <agents-dir>/<name>.yaml)")
     console = Console()
     board = run_benchmark(cfg, args.out, args.suite, args.address, args.workers, say=console.print)
-    console.print((__import__("pathlib").Path(args.out) / "leaderboard.md").read_text())
+    console.print((Path(args.out) / "leaderboard.md").read_text())
     for key, row in board["summary"].items():
         console.print(f"{key}: {row}")
     return 0

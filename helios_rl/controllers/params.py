@@ -183,10 +183,22 @@ class AimdParams:
     """SLO-aware AIMD on the batch cap (helios_rl.controllers.aimd)."""
 
     model: str | None = p(None, optional(string), "model to serve (default: the scenario's first candidate)")
+    depth: int | None = p(None, optional(number(1, integer=True)),
+                          "loaded layers (default: the shallowest whose predicted agreement meets the floor)")
+    setting: float | None = p(None, optional(number(0.0, 1.0, lo_open=True)),
+                              "exit setting: a precision target, or a raw threshold in threshold mode "
+                              "(default: the scenario's)")
     initial_batch: int = p(8, number(1, integer=True), "starting batch cap")
     increase: int = p(2, number(1, integer=True), "additive increase while requests wait and TPOT has headroom")
     decrease: float = p(0.7, number(0.0, 1.0, lo_open=True), "multiplicative decrease on an SLO miss")
     headroom: float = p(0.8, number(0.0, 1.0, lo_open=True), "grow only while TPOT p95 < headroom x the SLO")
+    signal: str = p("tpot_p95", choice(("tpot_p95", "step_time")),
+                    "what is compared with the TPOT SLO: the window's finished requests' TPOT p95 (lags the cap "
+                    "by a request's length) or its mean decode step time (the TPOT the current cap gives now)")
+    hold: int = p(0, number(0, integer=True), "decisions to keep a new cap before judging it (its requests' TPOT "
+                                              "reaches the signal only as they finish)")
+    ttft_decrease: bool = p(True, boolean, "also decrease on a TTFT p95 miss while requests wait (a miss from "
+                                           "queueing, which a smaller cap does not cure: a tuned rule may drop it)")
 
 
 PARAMS: dict[str, type] = {"static": StaticParams, "helios": HeliosParams, "best-static": BestStaticParams,

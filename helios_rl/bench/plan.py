@@ -64,11 +64,12 @@ class BenchConfig:
 def quick(cfg: BenchConfig) -> BenchConfig:
     """The reduced configuration ``--quick`` runs: two scenarios (the suite's ``steady`` and ``exit-lever`` where
     present, else its first two), PPO and DQN, 2 training seeds of 2,048 steps, 2 test seeds, static /
-    best-static / HELIOS / AIMD / tuned AIMD baselines, the sim and live backends on both, calibration on 300 tokens per
-    point."""
+    best-static / HELIOS / AIMD / tuned AIMD baselines, the sim and live backends on both, calibration on 300
+    tokens per point."""
     preferred = [s for name in QUICK for s in cfg.scenarios if Path(s).stem == name]
     scen = (preferred if len(preferred) == 2 else cfg.scenarios)[:2]
-    return BenchConfig(scenarios=scen, agents=("ppo", "dqn"), baselines=("static", "best-static", "helios", "aimd", "tuned-aimd"),
+    return BenchConfig(scenarios=scen, agents=("ppo", "dqn"),
+                       baselines=("static", "best-static", "helios", "aimd", "tuned-aimd"),
                        train_seeds=2, test_seeds=2, timesteps=2048, backends=cfg.backends,
                        live_scenarios=None, repeat=cfg.repeat, calib_min_tokens=300, best_static_seeds=2,
                        best_static_points=6, agents_dir=cfg.agents_dir, quick=True)

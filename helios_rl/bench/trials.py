@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 import platform
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,8 @@ def static_grid(env, admissible) -> list[tuple[str, int, int, float]]:
 
 
 def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
-    """Calibrate, resolve the SLOs, and search the best static config on development seeds (simulator)."""
-    from helios_rl.agents.compare import run_episode
+    """Calibrate, resolve the SLOs, and search the best static config and the tuned AIMD rule on development
+    seeds (simulator)."""
     from helios_rl.controllers.aimd import AimdController
     from helios_rl.controllers.params import StaticParams, params_dict
     from helios_rl.controllers.static import StaticController
@@ -129,9 +129,8 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
         grid = [grid[int(i * step)] for i in range(cfg["best_static_points"] * 8)]
     table = []
     for point in grid:
-        eps = [run_episode(env, StaticController(ctx, point), s) for s in seeds]
         table.append({"point": {k: getattr(point, k) for k in ("model", "depth", "max_batch", "setting")},
-                      "goodput_tps": sum(e["goodput_tps"] for e in eps) / len(eps)})
+                      "goodput_tps": _mean_goodput(env, StaticController(ctx, point), seeds)})
     best = max(table, key=lambda r: r["goodput_tps"])
     out = {"profile": profile, "slo": {**asdict(env.scenario.slo),
                                        "relative": [list(r) for r in load_scenario(spec["scenario"]).slo.relative]},
@@ -144,6 +143,7 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
 
 
 def _mean_goodput(env, controller, seeds: list[int]) -> float:
+    """``controller``'s goodput on ``env`` averaged over workload ``seeds``."""
     from helios_rl.agents.compare import run_episode
 
     return sum(run_episode(env, controller, s)["goodput_tps"] for s in seeds) / len(seeds)

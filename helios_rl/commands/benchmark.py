@@ -9,7 +9,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="a reproducible leaderboard for a scenario suite (Ray Tune; resumable)",
         description="Train every agent (simulator, several training seeds), evaluate every method (baselines: "
-                    "static, best-static and AIMD tuned on development seeds, HELIOS, AIMD, random; every trained run) "
+                    "static, best-static and tuned AIMD searched on development seeds, HELIOS, AIMD, random; every "
+                    "trained run) "
                     "on held-out test seeds on the simulator and the live engine, and write leaderboard.md, "
                     "leaderboard.json and plots (IQM with stratified-bootstrap CIs over runs, performance "
                     "profiles, probability of improvement). --quick runs a reduced configuration (the suite's "

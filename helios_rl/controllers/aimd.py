@@ -10,16 +10,14 @@ multiplicative-decrease on the batch cap, driven by the measured time per output
   ``tuned-aimd`` baseline searches these and the rule's knobs on development seeds
   (:mod:`helios_rl.bench.trials`), a calibrated rule in RLScale-Bench's sense;
 * every decision reads the window's TPOT p95 (or, with ``signal: step_time``, its mean decode step, which
-  answers to the cap at once where finished requests' TPOT lags it by their length): above ``slo.tpot_s`` (or TTFT p95 above ``slo.ttft_s``
-  while requests wait) the cap is multiplied by ``decrease``; a new cap is kept ``hold`` decisions before
-  it is judged; below ``headroom`` x the SLO while
-  requests wait, it grows by ``increase``; otherwise it stays. The cap never exceeds what the memory
-  budget admits.
+  answers to the cap at once where finished requests' TPOT lags it by their length): above ``slo.tpot_s``
+  (or TTFT p95 above ``slo.ttft_s`` while requests wait, unless ``ttft_decrease`` is off) the cap is
+  multiplied by ``decrease``; below ``headroom`` x the SLO while requests wait, it grows by ``increase``;
+  otherwise it stays. A new cap is kept ``hold`` decisions before it is judged. The cap never exceeds
+  what the memory budget admits.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from helios_rl.controllers.base import Controller, ControllerContext
 from helios_rl.controllers.params import AimdParams
@@ -66,8 +64,7 @@ class AimdController(Controller):
             self.cap = max(1, min(self.ctx.admissible(self.model, self.depth), p.initial_batch))
             self.phase = "serve"
             self.note("start", model=self.model, depth=self.depth, max_batch=self.cap, setting=p.setting)
-            cfg = self.ctx.config(self.model, self.depth, self.cap)
-            return cfg if p.setting is None else replace(cfg, **self.ctx.exit_kwargs(p.setting))
+            return self.ctx.config(self.model, self.depth, self.cap, p.setting)
         if not telemetry.steps:
             return None
         if self.held < p.hold:

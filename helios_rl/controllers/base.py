@@ -95,8 +95,10 @@ class ControllerContext:
     def admissible(self, model: str, depth: int) -> int:
         return self.profile(model).admissible_batch(depth, self.memory)
 
-    def config(self, model: str, depth: int, max_batch: int | None = None) -> ServingConfig:
-        """A complete config for ``model`` at ``depth`` with the scenario's exit rule.
+    def config(self, model: str, depth: int, max_batch: int | None = None,
+               setting: float | None = None) -> ServingConfig:
+        """A complete config for ``model`` at ``depth`` with the scenario's exit rule (at exit ``setting``
+        where given, else the scenario's).
 
         ``max_batch`` None asks for what the budget admits (the engine caps the batch at that); it is
         sent as the engine's cap, because None in a :class:`ServingConfig` would keep the old value.
@@ -104,7 +106,7 @@ class ControllerContext:
         batch = int(max_batch) if max_batch is not None else self.memory.max_batch
         layers = None if self.exit_mode == "target" else tuple(self.profile(model).exit_layers)
         return ServingConfig(model=model, depth=int(depth), max_batch=batch, exit_layers=layers, measure=self.measure,
-                             **self.exit_kwargs(None))
+                             **self.exit_kwargs(setting))
 
     def slo_batch(self, model: str, depth: int, ratio: float = 1.0) -> int:
         """Largest admissible batch whose predicted time per output token meets ``slo.tpot_s`` (>= 1)."""

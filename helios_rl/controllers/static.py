@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from helios_rl.controllers.base import Controller, ControllerContext
@@ -48,10 +46,7 @@ class StaticController(Controller):
         self.phase = "serve"
         setting = self.exit_choice()
         self.note("serve", model=model, depth=depth, max_batch=batch, setting=setting)
-        cfg = self.ctx.config(model, depth, batch)
-        if setting is not None:
-            cfg = replace(cfg, **self.ctx.exit_kwargs(setting))
-        return cfg
+        return self.ctx.config(model, depth, batch, setting)
 
 
 class BestStaticController(StaticController):

@@ -29,6 +29,7 @@ from helios_rl.workload.spec import ArrivalSpec, SpecError, WorkloadSpec
 BACKENDS = ("live", "sim")
 CLOCKS = ("virtual", "wall")
 TIMINGS = ("cpu", "wall", "modeled")
+DRIFTS = ("off", "probe")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -163,6 +164,8 @@ class BackendSection:
     clock: str = "virtual"
     timing: str = "cpu"
     interval_s: float = 0.25
+    drift: str = "off"  # probe: live costs corrected for the machine's speed against calibration (evaluation.probe)
+    drift_interval_s: float = 5.0  # wall seconds between speed probes
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,13 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
     b = Keys(r.get("backend", lambda v, k: v, {}), "backend")
     backend = BackendSection(kind=b.get("kind", choice(BACKENDS), "live"), clock=b.get("clock", choice(CLOCKS), "virtual"),
                              timing=b.get("timing", choice(TIMINGS), "cpu"),
-                             interval_s=b.get("interval_s", number(0, lo_open=True), 0.25))
+                             interval_s=b.get("interval_s", number(0, lo_open=True), 0.25),
+                             drift=b.get("drift", choice(DRIFTS), "off"),
+                             drift_interval_s=b.get("drift_interval_s", number(0, lo_open=True), 5.0))
+    if backend.drift == "probe" and (backend.clock == "wall" or backend.timing == "modeled"):
+        raise ParamError("backend.drift", "a speed probe corrects measured costs on the virtual clock; it needs "
+                                          f"clock: virtual and timing: cpu or wall (got clock: {backend.clock}, "
+                                          f"timing: {backend.timing})")
     b.finish()
     c = Keys(r.get("controllers", lambda v, k: v, {}), "controllers")
     controllers = {}
@@ -450,13 +459,19 @@ def _slo_time(v: Any, key: str) -> tuple[float, tuple[float, int] | None]:
     return number(0, lo_open=True)(v, key), None
 
 
+def step_reference_model(sc: "Scenario") -> str:
+    """The model whose full-depth decode step relative SLOs are multiples of (and the speed probe times):
+    the static baseline's, else the scenario's first."""
+    st = sc.controllers.get("static")
+    return (st.model if st is not None and getattr(st, "model", None) else None) or sc.models[0]
+
+
 def resolve_slo(sc: "Scenario", step_time) -> "Scenario":
     """``sc`` with its relative SLOs in seconds: ``step_time(model, batch)`` is the full-depth decode step
     of ``model`` at ``batch`` (from a calibrated profile); the model is the static baseline's."""
     if not sc.slo.relative:
         return sc
-    st = sc.controllers.get("static")
-    model = (st.model if st is not None and st.model else None) or sc.models[0]
+    model = step_reference_model(sc)
     values = {name: mult * step_time(model, batch) for name, mult, batch in sc.slo.relative}
     return replace(sc, slo=replace(sc.slo, relative=(), **values))
 

@@ -255,3 +255,86 @@ def test_calibration_measures_the_deepest_load_a_binding_budget_allows(tiny_scen
     with pytest.raises(ValueError, match=f"cannot hold {sc.models[0]} at any depth.*drop it from models"):
         calibrate(replace(sc, engine=replace(sc.engine, memory_budget_bytes=sizes.weight_bytes[0] // 2)),
                   thresholds=(0.06,), batches=(1,), prompts=2, new_tokens=4, min_tokens=8)
+
+
+# ----------------------------------------------------------------------------- machine drift (backend.drift: probe)
+@pytest.fixture(scope="module")
+def drift_setup(tiny_scenario, tmp_path_factory):
+    """The tiny scenario timed in CPU seconds with the speed probe on, and its calibrated profile."""
+    from helios_rl.env.calibrate import calibrate
+    from helios_rl.scenario import Scenario
+
+    text = tiny_scenario.read_text()
+    old = "backend: {timing: modeled, interval_s: 0.01}"
+    assert old in text
+    root = tmp_path_factory.mktemp("drift")
+    path = root / "drift.yaml"
+    path.write_text(text.replace(old, "backend: {timing: cpu, interval_s: 0.01, drift: probe, drift_interval_s: 0.001}"))
+    prof = calibrate(Scenario.from_yaml(path), thresholds=(0.06,), batches=(1, 4), prompts=2, new_tokens=4,
+                     min_tokens=20)
+    prof.save(root / "profile.json")
+    return path, root / "profile.json"
+
+
+def test_calibration_records_the_speed_probe(drift_setup):
+    from helios_rl.env.profile import SimProfile
+    from helios_rl.scenario import Scenario, step_reference_model
+
+    path, prof = drift_setup
+    sp = SimProfile.load(prof).meta["speed_probe"]
+    assert sp["model"] == step_reference_model(Scenario.from_yaml(path)) and sp["batch"] == 8
+    assert len(sp["samples"]) == 2 + len(Scenario.from_yaml(path).models)  # start, after each model, end
+    assert sp["s"] == pytest.approx(float(np.median(sp["samples"])), rel=1e-3) and sp["s"] > 0
+
+
+def test_drift_probe_scales_every_cost_by_calibrated_over_measured(drift_setup, monkeypatch):
+    path, prof = drift_setup
+    env = HeliosServingEnv(str(path), backend="live", profile=str(prof))
+    be = env.backend
+    cal = be.drift.calibrated_s
+    slow = {"s": 2 * cal}  # the machine now takes twice as long for the probe: costs count half
+    monkeypatch.setattr(be.probe, "step", lambda: slow["s"])
+    monkeypatch.setattr(be.probe, "measure", lambda steps=8: slow["s"])
+    monkeypatch.setattr(be.timer, "step_cost", lambda t0, rec: 0.01)
+    env.reset(seed=3)
+    n0 = len(be.engine.telemetry.steps)
+    iv = be.advance(0.04)
+    steps = len(be.engine.telemetry.steps) - n0
+    assert steps > 0 and iv.busy_s == pytest.approx(0.005 * steps)
+    slow["s"] = cal / 2  # faster than calibrated: after the window turns over, costs count double
+    for _ in range(5):
+        be.drift.add(be.probe.step())
+    n0 = len(be.engine.telemetry.steps)
+    iv = be.advance(0.08)
+    steps = len(be.engine.telemetry.steps) - n0
+    assert steps > 0 and iv.busy_s == pytest.approx(0.02 * steps)
+    d = be.summary()["drift"]
+    assert d["factor_min"] == pytest.approx(0.5) and d["factor_max"] == pytest.approx(2.0) and d["probes"] >= 6
+    env.close()
+
+
+def test_drift_probe_runs_a_real_episode_and_records_its_factors(drift_setup):
+    from helios_rl.agents.compare import run_episode
+    from helios_rl.controllers import ControllerContext, make_controller
+    from helios_rl.evaluation.profiling import ensure_repository
+
+    path, prof = drift_setup
+    env = HeliosServingEnv(str(path), backend="live", profile=str(prof))
+    ctx = ControllerContext.for_scenario(env.scenario, ensure_repository(env.scenario, env.backend.loader,
+                                                                         env.backend.timer))
+    ep = run_episode(env, make_controller("static", ctx, env.scenario.params("static")), seed=1)
+    d = ep["drift"]
+    assert d["probes"] >= 2 and d["calibrated_probe_s"] > 0 and 0 < d["factor_min"] <= d["factor_mean"] <= d["factor_max"]
+    env.close()
+
+
+def test_drift_probe_refuses_what_it_cannot_correct(drift_setup, tiny_scenario, tiny_profile, tmp_path):
+    path, prof = drift_setup
+    with pytest.raises(ValueError, match="needs a calibrated profile with a speed probe"):
+        HeliosServingEnv(str(path), backend="live")  # no profile: nothing to correct against
+    with pytest.raises(ValueError, match="virtual clock"):
+        HeliosServingEnv(str(path), backend="live", profile=str(prof), clock="wall")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(tiny_scenario.read_text().replace("backend: {timing: modeled,", "backend: {timing: modeled, drift: probe,"))
+    with pytest.raises(ScenarioError, match="backend.drift"):
+        HeliosServingEnv(str(bad), backend="sim", profile=str(tiny_profile))

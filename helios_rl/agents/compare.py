@@ -83,7 +83,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
             "switches": switches, "configs": configs, "failure": info.get("failure"),
             "agreement": agree_sum / agree_tokens if agree_tokens else None,
             "early_exit_share": early / exited_total if exited_total else 0.0,
-            "agreement_source": "measured" if env.kind == "live" else "predicted",
+            "agreement_source": "measured" if env.kind == "live" else "predicted", "drift": summ.get("drift"),
             "behaviour": hashlib.sha256(json.dumps(served_as, default=float).encode()).hexdigest()[:16]}
 
 

@@ -140,6 +140,17 @@ def repro(per_repeat: list[dict]) -> dict:
             "strict_ranking_stable": all(r == strict[0] for r in strict), "strict_rankings": [list(r) for r in strict]}
 
 
+def drift_range(episodes: list[dict]) -> dict | None:
+    """How far the machine's speed moved from calibration over a backend's episodes (``backend.drift: probe``):
+    the range of the factors their costs were corrected by (1: as calibrated; 0.6: 1.7x slower)."""
+    if not episodes:
+        return None
+    return {"episodes": len(episodes), "factor_min": min(d["factor_min"] for d in episodes),
+            "factor_max": max(d["factor_max"] for d in episodes),
+            "factor_median": float(np.median([d["factor_mean"] for d in episodes])),
+            "calibrated_probe_s": episodes[0]["calibrated_probe_s"]}
+
+
 def markdown(board: dict) -> str:
     lines = [f"# Leaderboard: {board['suite']}", "",
              f"- run `{board['run']}`; git {short_revision(board.get('git'))}; {board['date']}; "
@@ -183,6 +194,12 @@ def markdown(board: dict) -> str:
                   + (f" (methods that served identically in every repeat rank as one: "
                      f"{', '.join('='.join(g) for g in tied)}; strict order stable: {rp.get('strict_ranking_stable')})"
                      if tied else "") + "."]
+        d = sc.get("drift")
+        if d:
+            lines.append(f"Machine speed against calibration (live costs corrected by calibrated / measured probe "
+                         f"time, {d['calibrated_probe_s'] * 1000:.0f} ms at calibration): factors "
+                         f"{d['factor_min']:.2f}-{d['factor_max']:.2f}, median episode {d['factor_median']:.2f} "
+                         f"over {d['episodes']} episodes.")
         for f in rp.get("ranking_flips") or []:
             lines.append(f"- `{f['pair'][0]}` and `{f['pair'][1]}` changed places between repeats (IQMs at most "
                          f"{100 * f['largest_relative_gap']:.1f} % apart in any repeat).")

@@ -31,7 +31,8 @@ def engine_version() -> str:
     from helios_rl import __version__
 
     h = hashlib.sha256()
-    for f in sorted(ENGINE_DIR.glob("*.py")) + [Path(__file__).resolve().parent / "calibrate.py"]:
+    here = Path(__file__).resolve().parent
+    for f in sorted(ENGINE_DIR.glob("*.py")) + [here / "calibrate.py", here.parent / "evaluation" / "probe.py"]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"

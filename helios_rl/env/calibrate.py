@@ -24,9 +24,11 @@ from helios_rl.engine.request import SamplingParams
 from helios_rl.env.backend import admissible_table, config_hash, engine_version, thr_key
 from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, head_evals_per_layer, step_features
 from helios_rl.evaluation.replay import format_prompt
+from helios_rl.evaluation.probe import PROBE_BATCH, SpeedProbe
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
 from helios_rl.models.layered import release_freed_memory
 from helios_rl.models.registry import resolve_model
+from helios_rl.scenario import step_reference_model
 
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
@@ -127,12 +129,24 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
                                   + [sc.exits.setting]))
     models = {}
     t_start = time.perf_counter()
+    probe, probes = None, []
     try:
+        if timer.mode != "modeled":  # the machine's speed while it was calibrated (evaluation.probe)
+            probe = SpeedProbe(sc, timer)
+            probes.append(probe.measure())
         for name in sc.models:
             models[name] = _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts,
                                   acc_tokens, say, acc_items)
+            if probe is not None:
+                probes.append(probe.measure())
         calibrate_switches(sc, models, loader, timer, texts, say)
+        if probe is not None:
+            probes.append(probe.measure())
+            say(f"  speed probe ({probe.model_name}, batch {PROBE_BATCH}): "
+                + ", ".join(f"{p * 1000:.0f}" for p in probes) + " ms")
     finally:
+        if probe is not None:
+            probe.close()
         set_threads(prev)
     settings = {"memory_budget_bytes": sc.engine.memory_budget_bytes, "max_batch": sc.engine.max_batch,
                 "max_model_len": sc.engine.max_model_len, "kv_strategy": sc.engine.kv_strategy,
@@ -143,6 +157,9 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
             "accuracy_prompts": {t: sum(1 for _, x in acc_items if x == t) for t in sorted({x for _, x in acc_items})},
             "calibration_tokens_min": min((v["tokens"] for m in models.values() for v in m.exits.values()),
                                           default=0)}
+    if probes:  # median over the calibration; the spread says whether the machine held still meanwhile
+        meta["speed_probe"] = {"model": step_reference_model(sc), "batch": PROBE_BATCH,
+                               "s": float(np.median(probes)), "samples": [round(p, 5) for p in probes]}
     return SimProfile(engine_version(), sc.name, timer.mode, settings, models, meta)
 
 

@@ -5,7 +5,9 @@ It reuses the evaluation replay's pieces (:class:`ModelLoader`, :class:`VirtualC
 are placed on a clock that advances by each step's measured compute time (the scenario's
 ``backend.timing``), and jumps to the next arrival when the engine is idle, so nothing sleeps; under
 the wall clock time passes by itself and idle gaps are slept. Load and switch costs are real: the
-engine really loads the layers and the clock is charged what that cost.
+engine really loads the layers and the clock is charged what that cost. With ``backend.drift: probe``
+every cost is corrected for how far the machine's speed has moved since calibration, measured by a
+probe step every few seconds (:mod:`helios_rl.evaluation.probe`; the factors are in the episode summary).
 
 Every request that finishes is scored on what it was served (:mod:`helios_rl.evaluation.scorer`:
 free-running agreement with the serving model's own full-depth output, teacher-forced agreement,
@@ -100,8 +102,49 @@ class LiveBackend:
 
             self.scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"),
                                        sc.engine.max_model_len + 64, sc.reference_model())
+        self.probe = self.drift = None
+        if sc.backend.drift == "probe":
+            self._start_probe()
         self.clock = VirtualClock(0.0)
         self.now = 0.0
+
+    def _start_probe(self) -> None:
+        """``backend.drift: probe``: the calibrated probe time, and a probe of this machine (evaluation.probe)."""
+        from helios_rl.evaluation.probe import DriftCorrection, SpeedProbe
+
+        sc = self.scenario
+        if self.clock_kind != "virtual" or self.timer.mode == "modeled":
+            raise ValueError(f"{sc.name}: backend.drift: probe corrects measured costs on the virtual clock; this "
+                             f"backend runs clock {self.clock_kind!r}, timing {self.timer.mode!r}")
+        cal = (self.sim_profile.meta.get("speed_probe") if self.sim_profile is not None else None) or {}
+        if not cal.get("s"):
+            raise ValueError(f"{sc.name}: backend.drift: probe needs a calibrated profile with a speed probe (the "
+                             f"machine's speed at calibration); "
+                             + ("none was given" if self.sim_profile is None else "this one has none: re-calibrate"))
+        if self.sim_profile.timing != self.timer.mode:
+            raise ValueError(f"{sc.name}: the profile's speed probe was timed as {self.sim_profile.timing!r}, this "
+                             f"backend times {self.timer.mode!r}")
+        self.probe = SpeedProbe(sc, self.timer)
+        if self.probe.model_name != cal.get("model"):
+            raise ValueError(f"{sc.name}: the profile's speed probe ran {cal.get('model')!r}, this scenario's SLO "
+                             f"reference model is {self.probe.model_name!r}")
+        self.drift = DriftCorrection(float(cal["s"]))
+        self._probed_at = -float("inf")
+
+    def _cost(self, seconds: float) -> float:
+        """A measured cost as the virtual clock is charged it (drift-corrected where the backend probes)."""
+        return self.drift.scale(seconds) if self.drift is not None else seconds
+
+    def _maybe_probe(self, force: int = 0) -> None:
+        if self.probe is None:
+            return
+        if force:
+            self.drift.add(self.probe.measure(force))
+        elif time.perf_counter() - self._probed_at >= self.scenario.backend.drift_interval_s:
+            self.drift.add(self.probe.step())
+        else:
+            return
+        self._probed_at = time.perf_counter()
 
     # ------------------------------------------------------------------ control
     def admissible(self, model: str, depth: int) -> int:
@@ -142,6 +185,9 @@ class LiveBackend:
         self.engine = Engine(model, self.settings, loader=self.loader, clock=self.clock)
         self.engine.apply(ServingConfig(max_batch=config.max_batch, threshold=config.threshold, target=config.target,
                                         exit_layers=self._exit_layers(), measure=self.scenario.exits.measure))
+        if self.drift is not None:
+            self.drift.new_episode()
+            self._maybe_probe(force=3)
         self.seed = seed
         self.pending = sorted(self.workload.requests(seed), key=lambda r: r.arrival_s)
         self.specs = {r.request_id: r for r in self.pending}
@@ -169,7 +215,7 @@ class LiveBackend:
             eng.apply(ServingConfig(exit_layers=self._exit_layers()))
         after = eng.model.resident_bytes()
         loaded = after if eng.model.name != before_model else max(0, after - before_bytes)
-        cost = self.timer.load_cost(t0, loaded) if (switching or loaded) else 0.0
+        cost = self._cost(self.timer.load_cost(t0, loaded)) if (switching or loaded) else 0.0
         self.clock.advance(cost)
         self.now = self.clock.now
         return cost
@@ -205,6 +251,7 @@ class LiveBackend:
                 if clock.now >= t_end:
                     break
                 continue
+            self._maybe_probe()
             t0 = self.timer.start()
             try:
                 events = eng.step()
@@ -212,7 +259,7 @@ class LiveBackend:
                 failure = f"{type(exc).__name__}: {exc}"
                 break
             self._track(events, eng.model.name)
-            cost = self.timer.step_cost(t0, eng.telemetry.steps[-1])
+            cost = self._cost(self.timer.step_cost(t0, eng.telemetry.steps[-1]))
             clock.advance(cost)
             busy += cost
             if clock.now >= t_end:
@@ -291,8 +338,11 @@ class LiveBackend:
     def summary(self) -> dict:
         tok = sum(s.tokens for s in self.scores)
         agreement = sum(s.match for s in self.scores) / tok if tok else None
-        return episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending),
-                               agreement)
+        out = episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending),
+                              agreement)
+        if self.drift is not None:
+            out["drift"] = self.drift.summary()
+        return out
 
     # ------------------------------------------------------------------ memory
     def _drop_engine(self, keep_model: str | None = None) -> None:
@@ -318,5 +368,8 @@ class LiveBackend:
             self._kept = None
         if self.scorer is not None:
             self.scorer.close()
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
         gc.collect()
         release_freed_memory(self.device)

@@ -1,0 +1,121 @@
+"""How fast this machine is *now*, against how fast it was when the simulator was calibrated.
+
+A shared VM does not run at one speed: on the project's 2-core CPU the same full-depth decode step of
+SmolLM2-135M at batch 8 took 0.106 s one afternoon, 0.150 s that night and 0.26 s the next morning, and once
+halved within a benchmark repeat (benchmarks/RESULTS.md, issue 14). Relative SLOs are resolved once, at
+calibration; when the machine slows afterwards every method misses them, not by its own doing, and the
+same comparison gives another answer.
+
+``backend.drift: probe`` corrects for it. A :class:`SpeedProbe` times one fixed piece of work, the SLO
+reference model's full-depth decode step at batch 8 (the unit relative SLOs are written in), with the
+scenario's timing. Calibration records its median (``SimProfile.meta["speed_probe"]``); a live episode
+probes every ``backend.drift_interval_s`` of wall time and charges the virtual clock each measured cost
+times ``calibrated probe / median of the recent probes`` (:class:`DriftCorrection`): costs in seconds of the
+machine as it was calibrated. The costs are still measured; what the correction assumes is that a slowdown
+slows serving steps and the probe step alike. The factors of every episode are recorded beside its
+results, so a reader sees how far the machine moved.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import replace
+
+PROBE_BATCH = 8
+PROBE_TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
+              "combined movable metal type, oil-based ink and a screw press adapted from wine making.")
+
+
+class SpeedProbe:
+    """Times the SLO reference model's full-depth decode step at batch :data:`PROBE_BATCH` (module docstring).
+
+    The probe keeps its own engine and requests; a request's context grows by one token per probe step and
+    the batch is re-prefilled (untimed) every ``cycle`` steps, so the timed step always sees the same
+    context lengths, at calibration and in a live run."""
+
+    def __init__(self, scenario, timer, cycle: int = 16) -> None:
+        from helios_rl.engine.config import ServingConfig
+        from helios_rl.engine.engine import Engine
+        from helios_rl.evaluation.runtime import ModelLoader, VirtualClock
+        from helios_rl.scenario import step_reference_model
+
+        if timer.mode == "modeled":
+            raise ValueError("a speed probe measures the machine; timing: modeled has no machine speed to correct")
+        sc = scenario
+        self.model_name, self.timer, self.cycle = step_reference_model(sc), timer, int(cycle)
+        self.model = ModelLoader(sc.engine.device, sc.engine.dtype, "shared")(self.model_name, None)
+        settings = replace(sc.engine.settings(sc.exits.measure, sc.exits.default_threshold), memory_budget_bytes=None,
+                           max_batch=PROBE_BATCH)
+        self.engine = Engine(self.model, settings, loader=None, clock=VirtualClock(0.0))
+        self.engine.apply(ServingConfig(max_batch=PROBE_BATCH, threshold=1.0, exit_layers=()))
+        self._ids: list[str] = []
+
+    def _refill(self) -> None:
+        from helios_rl.engine.request import SamplingParams
+
+        for i in self._ids:
+            self.engine.release(i)
+        params = SamplingParams(max_new_tokens=self.cycle + 1, ignore_eos=True)
+        self._ids = [self.engine.add_request(PROBE_TEXT, params) for _ in range(PROBE_BATCH)]
+        self.engine.step()  # the prefill: not timed
+
+    def step(self) -> float:
+        """Seconds (the scenario's timing) of one decode step at batch 8."""
+        if not self.engine.has_unfinished():
+            self._refill()
+        t0 = self.timer.start()
+        self.engine.step()
+        return self.timer.elapsed(t0)
+
+    def measure(self, steps: int = 8) -> float:
+        """The median of ``steps`` probe steps (after one untimed warm-up step)."""
+        self.step()
+        return statistics.median(self.step() for _ in range(max(1, steps)))
+
+    def close(self) -> None:
+        for i in self._ids:
+            self.engine.release(i)
+        self._ids = []
+        self.engine.pool = None
+        self.model.unload()
+
+
+class DriftCorrection:
+    """``factor`` = calibrated probe seconds / median of the last ``window`` probe samples; costs times the
+    factor are seconds of the calibrated machine. Records every factor it served with."""
+
+    def __init__(self, calibrated_s: float, window: int = 5) -> None:
+        if not calibrated_s > 0:
+            raise ValueError(f"calibrated probe time must be positive, got {calibrated_s!r}")
+        self.calibrated_s = float(calibrated_s)
+        self.samples: deque[float] = deque(maxlen=max(1, int(window)))  # kept across episodes: the machine is
+        self.factors: list[float] = []  # this episode's
+        self.probes = 0  # this episode's
+
+    def new_episode(self) -> None:
+        self.factors, self.probes = [], 0
+
+    def add(self, seconds: float) -> float:
+        if seconds > 0:
+            self.samples.append(float(seconds))
+            self.probes += 1
+        return self.factor
+
+    @property
+    def factor(self) -> float:
+        if not self.samples:
+            return 1.0
+        return self.calibrated_s / statistics.median(self.samples)
+
+    def scale(self, cost: float) -> float:
+        f = self.factor
+        self.factors.append(f)
+        return cost * f
+
+    def summary(self) -> dict:
+        """What an episode records: the probe it was corrected against and the factors it ran at."""
+        fs = self.factors or [self.factor]
+        return {"calibrated_probe_s": round(self.calibrated_s, 5), "probes": self.probes,
+                "factor_mean": round(statistics.fmean(fs), 4), "factor_min": round(min(fs), 4),
+                "factor_max": round(max(fs), 4)}

@@ -466,6 +466,14 @@ def step_reference_model(sc: "Scenario") -> str:
     return (st.model if st is not None and getattr(st, "model", None) else None) or sc.models[0]
 
 
+def slo_record(resolved: "Scenario", declared: "Scenario") -> dict:
+    """The SLO a run served against, as results record it: every field in seconds as resolved on this machine,
+    and the relative terms it was resolved from (``[name, multiple, batch]``; empty when absolute)."""
+    from dataclasses import asdict
+
+    return {**asdict(resolved.slo), "relative": [list(r) for r in declared.slo.relative]}
+
+
 def resolve_slo(sc: "Scenario", step_time) -> "Scenario":
     """``sc`` with its relative SLOs in seconds: ``step_time(model, batch)`` is the full-depth decode step
     of ``model`` at ``batch`` (from a calibrated profile); the model is the static baseline's."""

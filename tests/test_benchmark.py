@@ -178,3 +178,22 @@ def test_git_revision_says_when_the_code_is_not_the_commit(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     assert git_revision(tmp_path) == head + "+dirty"
     assert short_revision(head + "+dirty") == head[:12] + "+dirty" and short_revision(None) == "None"
+
+
+def test_the_leaderboard_reports_how_far_the_machine_drifted():
+    """Live episodes under ``backend.drift: probe`` carry their correction factors; the leaderboard's range is
+    over every episode (the slowest and fastest moment of the run), and absent where nothing probed."""
+    from helios_rl.bench.leaderboard import drift_range, markdown
+
+    eps = [{"calibrated_probe_s": 0.15, "probes": 9, "factor_mean": 0.98, "factor_min": 0.95, "factor_max": 1.01},
+           {"calibrated_probe_s": 0.15, "probes": 8, "factor_mean": 0.55, "factor_min": 0.52, "factor_max": 0.97},
+           {"calibrated_probe_s": 0.15, "probes": 7, "factor_mean": 1.02, "factor_min": 1.0, "factor_max": 1.04}]
+    d = drift_range(eps)
+    assert (d["factor_min"], d["factor_max"], d["factor_median"], d["episodes"]) == (0.52, 1.04, 0.98, 3)
+    assert drift_range([]) is None
+    board = {"suite": "s", "run": "r", "git": None, "date": "d", "config": {"train_seeds": 1, "test_seeds": 1,
+                                                                           "repeat": 1},
+             "scenarios": {"x/live": {"stats": {"best_baseline": "static", "ranking": ["static"],
+                                                "methods": {"static": {"runs": 1, "iqm": 1.0, "iqm_ci": [1, 1]}}},
+                                      "repro": {}, "drift": d}}}
+    assert "factors 0.52-1.04, median episode 0.98 over 3 episodes" in markdown(board)

@@ -118,7 +118,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
     from helios_rl.env.env import HELDOUT_SEED_BASE, HeliosServingEnv
     from helios_rl.evaluation.harness import _clean, git_revision, machine_info
     from helios_rl.evaluation.runtime import set_threads
-    from helios_rl.scenario import load_scenario
+    from helios_rl.scenario import load_scenario, slo_record
 
     if backend not in ("sim", "live"):
         raise ValueError(f"--backend must be 'sim' or 'live', got {backend!r}")
@@ -145,6 +145,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
 
         profile = str(ensure_profile(sc, say=say))
     henv = HeliosServingEnv(sc, backend=backend, profile=profile)
+    slo = slo_record(henv.scenario, sc)
     sc = henv.scenario  # relative SLOs resolved on this machine
     seed_list = [HELDOUT_SEED_BASE + k for k in range(seeds)]
     try:
@@ -200,7 +201,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
                "episodes": episodes, "decisions": {m: getattr(c, "log", [])[:200] for m, c in methods.items()},
                "wall_s": round(wall, 1), "machine": machine_info(), "git": git_revision(),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "timing": sc.backend.timing,
-               "slo": {"ttft_s": sc.slo.ttft_s, "tpot_s": sc.slo.tpot_s, "agreement_floor": sc.slo.agreement_floor},
+               "slo": slo,
                "metric": "goodput_tps: output tokens/s of requests meeting the SLO (TTFT, TPOT) and the quality "
                "floors (free-running agreement >= slo.agreement_floor, measured on live, predicted on sim)"}
     results = _clean(results)

@@ -12,7 +12,6 @@ import os
 import platform
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,7 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
     from helios_rl.controllers.aimd import AimdController
     from helios_rl.controllers.params import StaticParams, params_dict
     from helios_rl.controllers.static import StaticController
-    from helios_rl.scenario import load_scenario
+    from helios_rl.scenario import load_scenario, slo_record
 
     sc = load_scenario(spec["scenario"])
     profile = _profile(sc, cfg)
@@ -132,8 +131,7 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
         table.append({"point": {k: getattr(point, k) for k in ("model", "depth", "max_batch", "setting")},
                       "goodput_tps": _mean_goodput(env, StaticController(ctx, point), seeds)})
     best = max(table, key=lambda r: r["goodput_tps"])
-    out = {"profile": profile, "slo": {**asdict(env.scenario.slo),
-                                       "relative": [list(r) for r in load_scenario(spec["scenario"]).slo.relative]},
+    out = {"profile": profile, "slo": slo_record(env.scenario, load_scenario(spec["scenario"])),
            "best_static": best, "best_static_seeds": seeds, "best_static_grid": table}
     if "tuned-aimd" in cfg["baselines"]:
         aimd = [{"point": params_dict(pt), "goodput_tps": _mean_goodput(env, AimdController(ctx, pt), seeds)}

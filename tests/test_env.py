@@ -301,6 +301,7 @@ def test_drift_probe_scales_every_cost_by_calibrated_over_measured(drift_setup, 
     iv = be.advance(0.04)
     steps = len(be.engine.telemetry.steps) - n0
     assert steps > 0 and iv.busy_s == pytest.approx(0.005 * steps)
+    n_slow = steps
     slow["s"] = cal / 2  # faster than calibrated: after the window turns over, costs count double
     for _ in range(5):
         be.drift.add(be.probe.step())
@@ -310,6 +311,8 @@ def test_drift_probe_scales_every_cost_by_calibrated_over_measured(drift_setup, 
     assert steps > 0 and iv.busy_s == pytest.approx(0.02 * steps)
     d = be.summary()["drift"]
     assert d["factor_min"] == pytest.approx(0.5) and d["factor_max"] == pytest.approx(2.0) and d["probes"] >= 6
+    assert d["charged_s"] == pytest.approx(0.5 * 0.01 * n_slow + 2.0 * 0.01 * steps, abs=1e-3)
+    assert d["measured_s"] == pytest.approx(0.01 * (n_slow + steps), abs=1e-3)
     env.close()
 
 

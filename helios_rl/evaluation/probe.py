@@ -92,9 +92,11 @@ class DriftCorrection:
         self.samples: deque[float] = deque(maxlen=max(1, int(window)))  # kept across episodes: the machine is
         self.factors: list[float] = []  # this episode's
         self.probes = 0  # this episode's
+        self.measured_s = self.charged_s = 0.0  # this episode's costs as measured and as charged
 
     def new_episode(self) -> None:
         self.factors, self.probes = [], 0
+        self.measured_s = self.charged_s = 0.0
 
     def add(self, seconds: float) -> float:
         if seconds > 0:
@@ -111,6 +113,8 @@ class DriftCorrection:
     def scale(self, cost: float) -> float:
         f = self.factor
         self.factors.append(f)
+        self.measured_s += cost
+        self.charged_s += cost * f
         return cost * f
 
     def summary(self) -> dict:
@@ -118,4 +122,5 @@ class DriftCorrection:
         fs = self.factors or [self.factor]
         return {"calibrated_probe_s": round(self.calibrated_s, 5), "probes": self.probes,
                 "factor_mean": round(statistics.fmean(fs), 4), "factor_min": round(min(fs), 4),
-                "factor_max": round(max(fs), 4)}
+                "factor_max": round(max(fs), 4), "measured_s": round(self.measured_s, 4),
+                "charged_s": round(self.charged_s, 4)}

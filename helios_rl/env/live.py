@@ -110,7 +110,8 @@ class LiveBackend:
 
     def _start_probe(self) -> None:
         """``backend.drift: probe``: the calibrated probe time, and a probe of this machine (evaluation.probe)."""
-        from helios_rl.evaluation.probe import DriftCorrection, SpeedProbe
+        from helios_rl.evaluation.drift import DriftCorrection
+        from helios_rl.evaluation.probe import SpeedProbe
 
         sc = self.scenario
         if self.clock_kind != "virtual" or self.timer.mode == "modeled":

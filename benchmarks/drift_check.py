@@ -2,7 +2,7 @@
 
 Times the scenario's speed probe (``helios_rl.evaluation.probe``: the SLO reference model's full-depth decode
 step at batch 8) against the probe its profile recorded, and real full-depth decode steps (exits off, after an
-untimed prefill) at several batches against the profile's fitted step time at that batch. Where the machine
+untimed prefill) at several batches against the profile's fitted step time at that batch and context. Where the machine
 slows or speeds up uniformly, every ratio equals the probe's factor; where it does not, one probe mis-states
 the change at some batches (``backend.drift: probe`` corrects by the one factor). The profile's step time is a
 fit and the probe a measurement, so ratios at batch 8 and the probe factor also differ by the fit's error.
@@ -62,16 +62,17 @@ def main() -> None:
             ids = [eng.add_request(PROBE_TEXT, SamplingParams(max_new_tokens=args.steps + 1, ignore_eos=True))
                    for _ in range(b)]
             eng.step()  # prefill: not timed
-            ts = []
+            ts, ctx = [], []
             while eng.has_unfinished():
+                ctx.append(statistics.fmean(r.seq_len for r in eng.running))
                 t0 = timer.start()
                 eng.step()
                 ts.append(timer.elapsed(t0))
             for i in ids:
                 eng.release(i)
-            now = statistics.median(ts)
-            row["batches"][str(b)] = {"now_s": round(now, 5), "profile_s": round(fit.step_time(b), 5),
-                                      "profile_over_now": round(fit.step_time(b) / now, 3)}
+            now, pred = statistics.median(ts), fit.step_time(b, ctx_tokens=statistics.fmean(ctx))
+            row["batches"][str(b)] = {"now_s": round(now, 5), "profile_s": round(pred, 5),
+                                      "profile_over_now": round(pred / now, 3), "context": round(statistics.fmean(ctx), 1)}
         rows.append(row)
     probe.close()
     print(json.dumps({"scenario": sc.name, "profile": path, "model": probe.model_name, "calibrated_probe_s": cal,

@@ -193,6 +193,8 @@ class Scenario:
     backend: BackendSection = BackendSection()
     evaluation: EvaluationSection = EvaluationSection()
     controllers: dict[str, Any] = field(default_factory=dict)  # name -> params dataclass
+    # arrival rates are multiples of the decode capacity at this batch until resolved (workload.rate_unit)
+    rate_batch: int | None = None
     path: str = "<dict>"
     lines: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -299,7 +301,7 @@ class Scenario:
     def with_trace(self, path: str) -> "Scenario":
         """The same scenario with arrivals replayed from an Azure-format trace at ``path``."""
         arrival = ArrivalSpec(kind="trace", path=str(path))
-        return replace(self, workload=replace(self.workload, arrival=arrival, prompt_tokens=None))
+        return replace(self, workload=replace(self.workload, arrival=arrival, prompt_tokens=None), rate_batch=None)
 
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.yaml"
@@ -321,8 +323,13 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
     name = r.get("name", string, Path(source).stem if source != "<dict>" else "scenario")
     seed = r.get("seed", number(0, integer=True), 0)
     models = r.get("models", _models, required=True)
+    wdata = r.get("workload", lambda v, k: v, required=True)
+    rate_batch = None
+    if isinstance(wdata, dict) and "rate_unit" in wdata:  # arrival rates in units of the machine's capacity
+        wdata = dict(wdata)
+        rate_batch = _rate_unit(wdata.pop("rate_unit"), "workload.rate_unit")
     try:
-        workload = WorkloadSpec.from_dict(r.get("workload", lambda v, k: v, required=True))
+        workload = WorkloadSpec.from_dict(wdata)
     except SpecError as exc:
         key, _, msg = str(exc).partition(": ")
         raise ParamError(f"workload.{key}" if msg else "workload", msg or str(exc)) from None
@@ -411,7 +418,11 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
     if workload.max_prompt_tokens is not None and workload.max_prompt_tokens + hi >= engine.max_model_len:
         raise ParamError("engine.max_model_len", f"{engine.max_model_len} tokens cannot hold a prompt of up to "
                    f"{workload.max_prompt_tokens} tokens (workload.max_prompt_tokens) plus {hi} new tokens")
+    if rate_batch is not None and workload.arrival.kind not in ("poisson", "gamma", "piecewise"):
+        raise ParamError("workload.rate_unit", f"rates relative to capacity apply to poisson, gamma and piecewise "
+                                               f"arrivals; a {workload.arrival.kind} replays its own rates")
     return cls(name=name, models=models, workload=workload, seed=seed, slo=slo, engine=engine, exits=exits,
+               rate_batch=rate_batch,
                sampling=sampling, repository=repo, backend=backend, evaluation=ev, controllers=controllers,
                path=source, lines=lines)
 
@@ -466,17 +477,51 @@ def step_reference_model(sc: "Scenario") -> str:
     return (st.model if st is not None and getattr(st, "model", None) else None) or sc.models[0]
 
 
+def _rate_unit(v: Any, key: str) -> int:
+    """``{capacity_batch: B}``: the workload's arrival rates are multiples of the machine's decode capacity."""
+    k = Keys(v, key)
+    batch = k.get("capacity_batch", number(1, integer=True), required=True)
+    k.finish()
+    return int(batch)
+
+
+def capacity_rps(sc: "Scenario", step_time, batch: int) -> float:
+    """Requests/s the SLO reference model decodes at full depth at ``batch`` on this machine: ``batch`` tokens
+    per ``step_time(model, batch)`` seconds, over the workload's mean new tokens per request (prefill not
+    counted)."""
+    lo, hi = sc.workload.new_tokens_range()
+    return batch / step_time(step_reference_model(sc), batch) / ((lo + hi) / 2)
+
+
+def resolve_rates(sc: "Scenario", step_time) -> "Scenario":
+    """``sc`` with arrival rates written relative to capacity (``workload.rate_unit``) in requests/s."""
+    if sc.rate_batch is None:
+        return sc
+    cap = capacity_rps(sc, step_time, sc.rate_batch)
+    a = sc.workload.arrival
+    arrival = replace(a, rate=a.rate * cap if a.rate is not None else None,
+                      segments=tuple((t, r * cap) for t, r in a.segments))
+    return replace(sc, workload=replace(sc.workload, arrival=arrival), rate_batch=None)
+
+
 def slo_record(resolved: "Scenario", declared: "Scenario") -> dict:
     """The SLO a run served against, as results record it: every field in seconds as resolved on this machine,
     and the relative terms it was resolved from (``[name, multiple, batch]``; empty when absolute)."""
     from dataclasses import asdict
 
-    return {**asdict(resolved.slo), "relative": [list(r) for r in declared.slo.relative]}
+    out = {**asdict(resolved.slo), "relative": [list(r) for r in declared.slo.relative]}
+    if declared.rate_batch is not None:  # the arrival rates the run served, resolved from capacity multiples
+        a = resolved.workload.arrival
+        out["arrival"] = {"rate_unit": {"capacity_batch": declared.rate_batch}, "rate": a.rate,
+                          "segments": [list(x) for x in a.segments]}
+    return out
 
 
 def resolve_slo(sc: "Scenario", step_time) -> "Scenario":
-    """``sc`` with its relative SLOs in seconds: ``step_time(model, batch)`` is the full-depth decode step
-    of ``model`` at ``batch`` (from a calibrated profile); the model is the static baseline's."""
+    """``sc`` with its relative SLOs in seconds (and its relative arrival rates in requests/s, see
+    :func:`resolve_rates`): ``step_time(model, batch)`` is the full-depth decode step of ``model`` at ``batch``
+    (from a calibrated profile); the model is the static baseline's."""
+    sc = resolve_rates(sc, step_time)
     if not sc.slo.relative:
         return sc
     model = step_reference_model(sc)

@@ -360,3 +360,31 @@ def test_drift_correction_uses_the_median_of_its_window_and_resets_per_episode()
     assert d.summary()["probes"] == 0 and d.summary()["factor_mean"] == pytest.approx(1.0)  # the window is kept
     with pytest.raises(ValueError, match="positive"):
         DriftCorrection(0.0)
+
+
+def test_the_environment_resolves_arrival_rates_relative_to_capacity(tiny_scenario, tiny_profile, tmp_path):
+    """``workload.rate_unit``: the env offers the load as a multiple of what this machine's calibrated profile
+    decodes; both backends refuse a scenario whose rates were never resolved."""
+    from helios_rl.env.profile import SimProfile
+    from helios_rl.env.sim import SimBackend
+    from helios_rl.env.workload import EpisodeWorkload
+    from helios_rl.scenario import Scenario, capacity_rps, step_reference_model
+
+    text = tiny_scenario.read_text()
+    old = "  arrival: {kind: poisson, rate: 300.0}\n"
+    assert old in text
+    path = tmp_path / "rated.yaml"
+    path.write_text(text.replace(old, "  arrival: {kind: poisson, rate: 0.5}\n  rate_unit: {capacity_batch: 4}\n"))
+    declared = Scenario.from_yaml(path)
+    prof = SimProfile.load(tiny_profile)
+    env = HeliosServingEnv(str(path), backend="sim", profile=str(tiny_profile))
+    cap = capacity_rps(declared, lambda m, b: prof.models[m].step_time(b), 4)
+    lo, hi = declared.workload.new_tokens_range()
+    assert cap == pytest.approx(4 / prof.models[step_reference_model(declared)].step_time(4) / ((lo + hi) / 2))
+    assert env.scenario.workload.arrival.rate == pytest.approx(0.5 * cap) and env.scenario.rate_batch is None
+    env.reset(seed=2)
+    arrivals = [r.arrival_s for r in env.workload.requests(2)]
+    assert len(arrivals) > 1 and arrivals == sorted(arrivals)
+    env.close()
+    with pytest.raises(ValueError, match="workload.rate_unit"):
+        SimBackend(prof, declared, EpisodeWorkload(declared))

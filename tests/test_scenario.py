@@ -142,3 +142,58 @@ def test_exit_layers_per_model(tmp_path, tiny_text_dirs):
         s.check_models(facts(s))
     with pytest.raises(ScenarioError, match=r"exits\.layers\.other: 'other' is not one of the scenario's models"):
         Scenario.from_yaml(write(tmp_path, base(tiny_text_dirs) + "exits:\n  threshold: 0.5\n  layers: {other: [1]}\n"))
+
+
+# ----------------------------------------------------------------------------- arrival rates relative to capacity
+def _rated(tmp_path, arrival: str, unit: str = "{capacity_batch: 8}"):
+    from helios_rl.scenario import Scenario
+
+    text = f"""
+name: rated
+models: [smollm2-135m]
+workload:
+  arrival: {arrival}
+  rate_unit: {unit}
+  num_requests: 8
+  max_new_tokens: [10, 30]
+  max_prompt_tokens: 96
+slo: {{ttft_s: {{x_step: 20, batch: 8}}, tpot_s: 2.0}}
+"""
+    p = tmp_path / "rated.yaml"
+    p.write_text(text)
+    return Scenario.from_yaml(p)
+
+
+def test_arrival_rates_relative_to_capacity_resolve_from_the_step_time(tmp_path):
+    from helios_rl.env.backend import require_resolved_slo
+    from helios_rl.scenario import resolve_slo, slo_record
+
+    step = {8: 0.1, 1: 0.05}
+    sc = _rated(tmp_path, "{kind: poisson, rate: 0.5}")
+    assert sc.rate_batch == 8
+    with pytest.raises(ValueError, match="workload.rate_unit"):
+        require_resolved_slo(sc, "x")
+    res = resolve_slo(sc, lambda m, b: step[b])
+    # capacity: 8 tokens per 0.1 s = 80 tok/s over 20 new tokens per request = 4 requests/s; half of it
+    assert res.workload.arrival.rate == pytest.approx(2.0) and res.rate_batch is None
+    assert res.slo.ttft_s == pytest.approx(2.0) and res.slo.tpot_s == 2.0
+    require_resolved_slo(res, "x")
+    rec = slo_record(res, sc)
+    assert rec["arrival"] == {"rate_unit": {"capacity_batch": 8}, "rate": pytest.approx(2.0), "segments": []}
+    slower = resolve_slo(sc, lambda m, b: 2 * step[b])  # a machine half as fast is offered half the load
+    assert slower.workload.arrival.rate == pytest.approx(1.0)
+
+    pw = resolve_slo(_rated(tmp_path, "{kind: piecewise, segments: [[0, 0.25], [10, 1.0]]}"), lambda m, b: step[b])
+    assert pw.workload.arrival.segments == ((0.0, pytest.approx(1.0)), (10.0, pytest.approx(4.0)))
+
+
+def test_arrival_rates_relative_to_capacity_refuse_what_they_cannot_mean(tmp_path):
+    from helios_rl.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match="workload.rate_unit"):
+        _rated(tmp_path, "{kind: poisson, rate: 0.5}", "{capacity_batch: 0}")
+    with pytest.raises(ScenarioError, match="workload.rate_unit"):
+        _rated(tmp_path, "{kind: poisson, rate: 0.5}", "{batch: 8}")
+    trace = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "azure_llm_2023_conv.csv"
+    with pytest.raises(ScenarioError, match="replays its own rates"):
+        _rated(tmp_path, f"{{kind: trace, path: {trace}}}")

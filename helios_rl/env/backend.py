@@ -138,6 +138,10 @@ def config_hash(folder: Path) -> str:
 def require_resolved_slo(scenario, who: str) -> None:
     """A backend scores requests against the SLO in seconds: one still written relative to the machine
     (``x_step``) would compare against NaN and fail every request silently, so it is refused."""
+    if getattr(scenario, "rate_batch", None) is not None:
+        raise ValueError(f"{who}: the scenario's arrival rates are multiples of the machine's capacity "
+                         f"(workload.rate_unit) and not resolved; resolve them from a calibrated profile first "
+                         f"(helios_rl.scenario.resolve_slo, as the environment does)")
     slo = scenario.slo
     if slo.relative:
         names = ", ".join(name for name, _, _ in slo.relative)

@@ -78,7 +78,8 @@ class HeliosServingEnv(gym.Env):
                                              action_mode=action_mode, noise=noise, randomize=randomize, clock=clock,
                                              timing=timing).items() if v is not None}
         self.scenario = load_scenario(scenario)
-        if self.scenario.slo.relative:  # SLOs relative to this machine: resolved from the calibrated profile
+        if self.scenario.slo.relative or self.scenario.rate_batch is not None:  # relative to this machine:
+            # SLOs and arrival rates resolved from the calibrated profile
             from helios_rl.env.profile import SimProfile, ensure_profile
             from helios_rl.scenario import resolve_slo
 

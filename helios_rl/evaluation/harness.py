@@ -162,6 +162,9 @@ class Evaluation:
 
     def build_workloads(self) -> None:
         """The workload of every seed (first, so a bad trace or prompt file fails before any profiling)."""
+        from helios_rl.env.backend import require_resolved_slo
+
+        require_resolved_slo(self.scenario, "helios-rl evaluate (absolute SLOs and arrival rates only)")
         count = token_counter(self.scenario)
         for k in range(self.seeds):
             try:

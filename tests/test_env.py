@@ -332,9 +332,16 @@ def test_drift_probe_runs_a_real_episode_and_records_its_factors(drift_setup):
 
 
 def test_drift_probe_refuses_what_it_cannot_correct(drift_setup, tiny_scenario, tiny_profile, tmp_path):
+    from helios_rl.env.live import LiveBackend
+    from helios_rl.env.workload import EpisodeWorkload
+    from helios_rl.scenario import Scenario
+
     path, prof = drift_setup
+    sc = Scenario.from_yaml(path)
     with pytest.raises(ValueError, match="needs a calibrated profile with a speed probe"):
-        HeliosServingEnv(str(path), backend="live")  # no profile: nothing to correct against
+        LiveBackend(sc, EpisodeWorkload(sc))  # no profile: nothing to correct against
+    with pytest.raises(ValueError, match="this one has none"):
+        LiveBackend(sc, EpisodeWorkload(sc), profile=str(tiny_profile))  # calibrated (modeled) without a probe
     with pytest.raises(ValueError, match="virtual clock"):
         HeliosServingEnv(str(path), backend="live", profile=str(prof), clock="wall")
     bad = tmp_path / "bad.yaml"

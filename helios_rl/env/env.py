@@ -78,8 +78,10 @@ class HeliosServingEnv(gym.Env):
                                              action_mode=action_mode, noise=noise, randomize=randomize, clock=clock,
                                              timing=timing).items() if v is not None}
         self.scenario = load_scenario(scenario)
-        if self.scenario.slo.relative or self.scenario.rate_batch is not None:  # relative to this machine:
-            # SLOs and arrival rates resolved from the calibrated profile
+        ppath = None
+        drift = (backend or self.scenario.backend.kind) == "live" and self.scenario.backend.drift == "probe"
+        if self.scenario.slo.relative or self.scenario.rate_batch is not None or drift:  # relative to this
+            # machine: SLOs and arrival rates resolved from the calibrated profile (and its speed probe)
             from helios_rl.env.profile import SimProfile, ensure_profile
             from helios_rl.scenario import resolve_slo
 
@@ -124,7 +126,7 @@ class HeliosServingEnv(gym.Env):
 
             self.backend = LiveBackend(sc, self.workload, clock=clock or sc.backend.clock,
                                        timing=timing or sc.backend.timing,
-                                       profile=None if profile == "auto" else profile)
+                                       profile=str(ppath) if drift else (None if profile == "auto" else profile))
         self.models = tuple(sc.models)
         self.L = {m: self.backend.num_layers[m] for m in self.models}
         self.cap = sc.engine.max_batch

@@ -93,7 +93,7 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     sc = resolve_slo(scenario, lambda m, b: prof.models[m].step_time(b))
     work = EpisodeWorkload(sc)
     prev = set_threads(sc.engine.threads)
-    live = LiveBackend(sc, work)
+    live = LiveBackend(sc, work, profile=profile_path if sc.backend.drift == "probe" else None)
     sim = SimBackend(prof, sc, work, noise=False)
     interval = sc.backend.interval_s
     profiles = ensure_repository(sc, live.loader, live.timer, say)

@@ -79,7 +79,8 @@ class HeliosServingEnv(gym.Env):
                                              timing=timing).items() if v is not None}
         self.scenario = load_scenario(scenario)
         ppath = None
-        drift = (backend or self.scenario.backend.kind) == "live" and self.scenario.backend.drift == "probe"
+        kind = backend or self.scenario.backend.kind
+        drift = kind == "live" and self.scenario.backend.drift == "probe"
         if self.scenario.slo.relative or self.scenario.rate_batch is not None or drift:  # relative to this
             # machine: SLOs and arrival rates resolved from the calibrated profile (and its speed probe)
             from helios_rl.env.profile import SimProfile, ensure_profile
@@ -91,7 +92,6 @@ class HeliosServingEnv(gym.Env):
             self.scenario = resolve_slo(self.scenario, lambda m, b: prof.models[m].step_time(b))
         sc = self.scenario
         self.scenario_path = sc.path if isinstance(scenario, Scenario) or scenario is None else str(scenario)
-        kind = backend or sc.backend.kind
         if kind not in ("sim", "live"):
             raise ValueError(f"backend must be 'sim' or 'live', got {kind!r}")
         if action_mode not in ("multi", "flat"):

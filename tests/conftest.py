@@ -109,3 +109,16 @@ def probe_profile(probe_scenario, tmp_path_factory):
     out = tmp_path_factory.mktemp("probeprof") / "profile.json"
     prof.save(out)
     return out
+
+
+@pytest.fixture
+def plain_linear(monkeypatch):
+    """Every product through ``F.linear`` (the linear plan off), for tests comparing the engine with
+    transformers to the last bits: the plan's other orientation sums in another order, and families
+    that normalise in float32 (Gemma3) carry that rounding difference into 1e-7 of the K/V."""
+    from helios_rl.models import kernels
+
+    monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "off")
+    kernels._plan_for.cache_clear()
+    yield
+    kernels._plan_for.cache_clear()

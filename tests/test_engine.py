@@ -74,7 +74,7 @@ def _run_with_exits(folder, strategy, thresholds):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "opt"])
-def test_recompute_strategy_kv_equals_full_forward(tiny_dirs, family):
+def test_recompute_strategy_kv_equals_full_forward(tiny_dirs, family, plain_linear):
     thresholds = {0: 0.07, 1: 0.06, 2: 0.05, 3: 0.05, 4: 0.04}
     eng, ids, exit_layers = _run_with_exits(tiny_dirs[family], "recompute", thresholds)
     assert len(set(exit_layers)) >= 2 and min(exit_layers) < 5, "the test must exercise early exits"

@@ -101,14 +101,88 @@ def test_fused_projections_keep_the_layer_output(tiny_dirs, family):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
-def test_head_linear_equals_linear_in_either_orientation(rows):
-    from helios_rl.models.kernels import head_linear
+def _force_plan(monkeypatch, rows):
+    """Make the linear plan take (W @ x.T).T at ``rows`` and make F.linear unavailable to the kernels
+    module, so a product that should take the other orientation fails loudly if it does not."""
+    from types import SimpleNamespace
+
+    from helios_rl.models import kernels
+
+    monkeypatch.setattr(kernels, "plan", lambda: {"narrow": frozenset(rows), "wide": frozenset(rows)})
+
+    def no_linear(*a, **k):
+        raise AssertionError("F.linear called for a row count the plan transposes")
+
+    monkeypatch.setattr(kernels, "F", SimpleNamespace(linear=no_linear))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("out_features", [48, 5000])
+def test_planned_linear_takes_the_planned_orientation_and_equals_linear(monkeypatch, rows, out_features):
+    from helios_rl.models import kernels
 
     g = torch.Generator().manual_seed(rows)
-    w, b = torch.randn(5000, 32, generator=g), torch.randn(5000, generator=g)
+    w, b = torch.randn(out_features, 32, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(rows, 32, generator=g)
-    for bias in (None, b):
-        torch.testing.assert_close(head_linear(x, w, bias), torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-4)
     x3 = torch.randn(1, rows, 32, generator=g)  # a [1, N, K] batch of packed rows
-    torch.testing.assert_close(head_linear(x3, w), torch.nn.functional.linear(x3, w), rtol=1e-5, atol=1e-4)
+    want = [torch.nn.functional.linear(x, w), torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(x3, w)]
+    _force_plan(monkeypatch, {rows})
+    got = [kernels.planned_linear(x, w), kernels.planned_linear(x, w, b), kernels.planned_linear(x3, w)]
+    for a, e in zip(got, want):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+    _force_plan(monkeypatch, {rows + 1})  # another row count planned: this one must call F.linear
+    with pytest.raises(AssertionError, match="F.linear called"):
+        kernels.planned_linear(x, w)
+
+
+def test_linear_plan_is_measured_once_per_machine_cached_and_remeasured_when_corrupt(monkeypatch, tmp_path):
+    from helios_rl.models import kernels
+
+    monkeypatch.setenv("HELIOS_RL_CACHE", str(tmp_path))
+    monkeypatch.delenv("HELIOS_RL_LINEAR_PLAN", raising=False)
+    calls = []
+
+    def fake_measure(say=lambda s: None):
+        calls.append(1)
+        return {"format": kernels.PLAN_FORMAT, "machine": kernels._machine_key(),
+                "kinds": {"narrow": {"transposed_rows": [9, 10]}, "wide": {"transposed_rows": [3]}}}
+
+    monkeypatch.setattr(kernels, "measure_plan", fake_measure)
+    kernels._plan_for.cache_clear()
+    try:
+        assert kernels.plan() == {"narrow": frozenset({9, 10}), "wide": frozenset({3})}
+        assert len(calls) == 1 and kernels.plan_path().exists()
+        kernels._plan_for.cache_clear()  # a new process: reads the file, measures nothing
+        assert kernels.plan()["narrow"] == frozenset({9, 10}) and len(calls) == 1
+        kernels.plan_path().write_text("{not json")
+        kernels._plan_for.cache_clear()
+        assert kernels.plan()["wide"] == frozenset({3}) and len(calls) == 2  # corrupt: measured again
+        assert json.loads(kernels.plan_path().read_text())["format"] == kernels.PLAN_FORMAT
+        monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "off")
+        kernels._plan_for.cache_clear()
+        assert kernels.plan() == {"narrow": frozenset(), "wide": frozenset()} and len(calls) == 2
+    finally:
+        kernels._plan_for.cache_clear()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_layers_use_the_plan_and_keep_their_output(tiny_dirs, monkeypatch, family):
+    from helios_rl.models import kernels
+
+    m = LayeredModel(tiny_dirs[family], device="cpu", dtype=torch.float64, fuse=False)
+    linears = [mod for i in m.resident_layers() for mod in m.family.layers[i].modules()
+               if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(type(mod) is kernels.PlannedLinear for mod in linears)
+    ref = load_hf(tiny_dirs[family])
+    ours = dict(m.hf.named_parameters())
+    for name, p in ref.named_parameters():  # the class swap keeps every parameter
+        assert torch.equal(ours[name], p), name
+    h = torch.randn(5, 1, m.hidden_size, dtype=torch.float64)
+    pos = torch.arange(5)[:, None]
+    mask = torch.ones(5, 1, 1, 1, dtype=torch.bool)
+    tables = m.family.position_tables(h, pos)
+    plain = m.family.run_layer(1, h, mask, None, tables, pos)  # the real plan (whatever this machine has)
+    _force_plan(monkeypatch, {5})  # every product of 5 rows transposed
+    # float32 tolerance: some families (Gemma3) normalise in float32 whatever the weights' dtype
+    torch.testing.assert_close(m.family.run_layer(1, h, mask, None, tables, pos), plain, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,8 @@ def engine_version() -> str:
 
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for f in sorted(ENGINE_DIR.glob("*.py")) + [here / "calibrate.py", here.parent / "evaluation" / "probe.py"]:
+    for f in sorted(ENGINE_DIR.glob("*.py")) + [here / "calibrate.py", here.parent / "evaluation" / "probe.py",
+                                             here.parent / "models" / "kernels.py"]:  # how products are computed
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"

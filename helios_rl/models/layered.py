@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from helios_rl.models import attention
 from helios_rl.models.fusion import fuse_layer
+from helios_rl.models.kernels import plan_linears
 from helios_rl.models.families import SUPPORTED_MODEL_TYPES, FamilyAdapter
 from helios_rl.models.heads import ExitHeads
 from helios_rl.utils.device import parse_dtype, resolve_device
@@ -300,6 +301,8 @@ class LayeredModel:
                     self._load_module(self.family.layers[i], self.family.layer_prefix(i))
                     if self.fuse:
                         fuse_layer(self.family.layers[i])
+                    if self.device.type == "cpu":  # the row-count-dependent matmul orientation (models.kernels)
+                        plan_linears(self.family.layers[i])
                     self._resident.add(i)
                     loaded.append(i)
         except BaseException:  # all or nothing: free what this call loaded, then report

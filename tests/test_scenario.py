@@ -197,3 +197,23 @@ def test_arrival_rates_relative_to_capacity_refuse_what_they_cannot_mean(tmp_pat
     trace = Path(__file__).resolve().parents[1] / ".." / "shared" / "traces" / "azure_llm_2023_conv.csv"
     with pytest.raises(ScenarioError, match="replays its own rates"):
         _rated(tmp_path, f"{{kind: trace, path: {trace}}}")
+
+
+def test_the_shipped_suite_poses_machine_relative_problems():
+    """Every suite scenario parses; its SLOs are relative to the machine, and so is its load wherever the
+    arrivals are not a replayed trace; resolved on a machine twice as fast, the offered load doubles."""
+    from helios_rl.scenario import resolve_slo
+
+    files = sorted((ROOT / "envs" / "suite").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        sc = Scenario.from_yaml(f)
+        assert sc.slo.relative, f.name
+        if sc.workload.arrival.kind == "trace":
+            assert sc.rate_batch is None
+            continue
+        assert sc.rate_batch is not None, f"{f.name}: absolute arrival rates"
+        slow, fast = (resolve_slo(sc, lambda m, b, s=s: s * b) for s in (0.02, 0.01))
+        rates = [(x.workload.arrival.rate or 0.0) + sum(r for _, r in x.workload.arrival.segments) for x in (slow, fast)]
+        assert rates[1] == pytest.approx(2 * rates[0]) and rates[0] > 0, f.name
+        assert fast.slo.tpot_s == pytest.approx(slow.slo.tpot_s / 2), f.name

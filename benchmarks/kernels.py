@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,8 +49,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from engine import real_prompts  # benchmarks/engine.py: news passages of 24-96 tokens
 
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "threads": args.threads, "torch": torch.__version__},
+    from helios_rl.evaluation.harness import machine_info
+
+    out = {"machine": machine_info(),
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan_rows": active, "plan_file": str(kernels.plan_path()),

@@ -121,10 +121,13 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
 
     sc = scenario
     prev = set_threads(sc.engine.threads)
-    if resolve_device(sc.engine.device).type == "cpu":  # measured now (once per machine), not inside a timed load
+    # the CPU's matmul orientation per row count (models.kernels): read, or measured once per machine, now,
+    # not inside a timed load; recorded with the profile
+    linear_plan = None
+    if resolve_device(sc.engine.device).type == "cpu":
         from helios_rl.models.kernels import plan
 
-        plan()
+        linear_plan = {k: sorted(v) for k, v in plan().items()}
     timer = Timer(timing or sc.backend.timing)
     loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
     texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]
@@ -162,10 +165,8 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
             "accuracy_prompts": {t: sum(1 for _, x in acc_items if x == t) for t in sorted({x for _, x in acc_items})},
             "calibration_tokens_min": min((v["tokens"] for m in models.values() for v in m.exits.values()),
                                           default=0)}
-    if resolve_device(sc.engine.device).type == "cpu":
-        from helios_rl.models.kernels import plan
-
-        meta["linear_plan"] = {k: sorted(v) for k, v in plan().items()}  # the row counts taking (W @ x.T).T
+    if linear_plan is not None:  # the row counts taking (W @ x.T).T
+        meta["linear_plan"] = linear_plan
     if probes:  # median over the calibration; the spread says whether the machine held still meanwhile
         meta["speed_probe"] = {"model": step_reference_model(sc), "batch": PROBE_BATCH,
                                "s": float(np.median(probes)), "samples": [round(p, 5) for p in probes]}

@@ -16,7 +16,8 @@ class DriftCorrection:
         if not calibrated_s > 0:
             raise ValueError(f"calibrated probe time must be positive, got {calibrated_s!r}")
         self.calibrated_s = float(calibrated_s)
-        self.samples: deque[float] = deque(maxlen=max(1, int(window)))  # kept across episodes: the machine is
+        self.samples: deque[float] = deque(maxlen=max(1, int(window)))  # kept across episodes: the machine's
+        # speed does not reset when an episode does
         self.factor = 1.0  # nothing probed yet: costs as measured
         self.new_episode()
 

@@ -45,19 +45,20 @@ WIDE_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24)  # timed rows of the wide
 
 
 def _machine_key() -> str:
-    cpu = platform.processor() or platform.machine()
-    flags = ""
+    """The CPU (model name and flags where /proc/cpuinfo has them), core count, torch version and threads."""
+    info = {"model name": platform.processor() or platform.machine(), "flags": ""}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name") and cpu in ("", platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() in info:
+                    info[key.strip()] = value.strip()
+                if key.strip() == "flags":  # the first core's entry is enough
                     break
     except OSError:
         pass
-    text = f"{cpu}|{flags}|{os.cpu_count()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    text = (f"{info['model name']}|{info['flags']}|{os.cpu_count()}|torch {torch.__version__}"
+            f"|threads {torch.get_num_threads()}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -71,7 +72,7 @@ def _time_pair(x: torch.Tensor, w: torch.Tensor, reps: int) -> tuple[float, floa
         F.linear(x, w)
         a.append(time.perf_counter() - t)
         t = time.perf_counter()
-        (w @ x.T).T.contiguous()
+        (w @ x.T).T.contiguous()  # the next op (a reshape, a residual add) reads it in row order: timed with it
         b.append(time.perf_counter() - t)
     return statistics.median(a), statistics.median(b)
 

@@ -514,3 +514,28 @@ def test_attention_sees_its_history(tiny_dirs):
         for i in range(1, 6):
             prefix = PROMPTS[2] + req.output_ids[:i]
             assert int(hf(torch.tensor([prefix])).logits[0, -1].argmax()) == req.output_ids[i]
+
+
+def test_step_records_its_prefill_pass_apart_from_its_decode_pass(tiny_dirs):
+    """A step prefilling prompts beside decoding rows runs two passes; its record says how many rows each had,
+    so the step-time fit can price the second pass (and chunked prompts that finish later)."""
+    eng = make_engine(tiny_dirs["llama"], max_batch=4, max_prefill_tokens=10)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    eng.add_request(PROMPTS[0], params)
+    eng.step()
+    first = eng.telemetry.steps[-1]
+    assert (first.prefill_rows, first.prefill_done, first.prefill_tokens, int(first.exit_counts.sum())) == (1, 1, 7, 1)
+    eng.add_request(PROMPTS[1], params)  # 3 positions: prefilled beside the first row's decode
+    eng.add_request(PROMPTS[2], params)  # 12 positions: over what is left of the budget, waits a step
+    eng.step()
+    mixed = eng.telemetry.steps[-1]
+    assert (mixed.prefill_rows, mixed.prefill_done, mixed.prefill_tokens) == (1, 1, 3)
+    assert int(mixed.exit_counts.sum()) == 2 == mixed.decode_tokens
+    eng.step()  # the long prompt alone, chunked: 10 of its 12 positions, no token yet, beside two decode rows
+    chunk = eng.telemetry.steps[-1]
+    assert (chunk.prefill_rows, chunk.prefill_done, chunk.prefill_tokens) == (1, 0, 10)
+    assert int(chunk.exit_counts.sum()) == 2
+    eng.step()
+    rest = eng.telemetry.steps[-1]
+    assert (rest.prefill_rows, rest.prefill_done, rest.prefill_tokens) == (1, 1, 2)
+    assert int(rest.exit_counts.sum()) == 3

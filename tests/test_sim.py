@@ -9,18 +9,18 @@ import pytest
 
 from helios_rl.controllers.base import SLO
 from helios_rl.engine.config import ServingConfig
-from helios_rl.env.profile import ModelSim, SimProfile
+from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, step_cost, step_features
 from helios_rl.env.sim import SimBackend
 
 COEF = {"c0": 1e-3, "c_depth": 1e-4, "c_tok": 2e-4, "c_row_layer": 5e-5, "c_head": 0.0, "c_ctx": 1e-6,
         "c_prefill": 2e-5}
 
 
-def _profile(sigma: float = 0.0) -> SimProfile:
+def _profile(sigma: float = 0.0, **coef) -> SimProfile:
     L = 4
     p_full = [0.5, 0.0, 0.2, 0.3]
     ms = ModelSim(name="m", config_hash="x", num_layers=L, exit_layers=[0, 2], admissible=[16, 12, 8, 4],
-                  weight_bytes=[100, 200, 300, 400], slot_bytes=[10, 20, 30, 40], step_coef=COEF,
+                  weight_bytes=[100, 200, 300, 400], slot_bytes=[10, 20, 30, 40], step_coef={**COEF, **coef},
                   residual_sigma=sigma, load_overhead_s=1e-3, load_s_per_byte=1e-6,
                   exits={"4:0.900": {"p": p_full, "breach": 0.0, "agreement": 1.0, "conf": 0.8},
                          "2:0.900": {"p": [0.5, 0.5, 0.0, 0.0], "breach": 0.5, "agreement": 0.6, "conf": 0.5}})
@@ -146,3 +146,61 @@ def test_without_noise_goodput_is_the_expected_share_of_requests_meeting_the_flo
     assert g == pytest.approx(0.5 * total)
     g, total = good(True)  # with noise each request draws one measured request: all of its tokens or none
     assert 0 < g < total and float(g).is_integer()
+
+
+def test_step_features_count_each_pass_and_the_rows_every_layer_and_head_runs():
+    # decode rows leaving at layers 0, 2, 3 (2, 1, 3 of them); exit heads at layers 0 and 2
+    decode = step_features(4, np.array([2, 0, 1, 3]), [0, 2], 10.0)
+    f = dict(zip(FEATURES, decode))
+    reach = [6, 4, 4, 3]  # rows running each layer
+    assert (f["c0"], f["c_depth"], f["c_tok"], f["c_row_layer"]) == (1, 4, 6, sum(reach))
+    assert f["c_head"] == 6 + 4 + 3  # exit heads read the rows reaching them, the final head the rest
+    assert f["c_ctx"] == sum(reach) * 10.0 and f["c_prefill"] == 0 and f["c_pass"] == 0
+    assert (f["c_layer_min4"], f["c_layer_min8"], f["c_layer_over16"]) == (15, 17, 0)
+    assert (f["c_head_min4"], f["c_head_min8"]) == (4 + 4 + 3, 13)
+    # the same step with a prefill pass of two prompts (one finishing) beside it: a second pass of 4 layers
+    mixed = dict(zip(FEATURES, step_features(4, np.array([2, 0, 1, 3]), [0, 2], 10.0, 20, 2, 1)))
+    assert (mixed["c_pass"], mixed["c_prefill"], mixed["c_tok"]) == (4, 80, 7)
+    assert (mixed["c_row_layer"], mixed["c_head"], mixed["c_head_min4"]) == (sum(reach) + 4, 15, 11 + 2)
+    # a prefill-only step is one pass
+    assert dict(zip(FEATURES, step_features(4, np.zeros(4), [0, 2], 0.0, 20, 2, 2)))["c_pass"] == 0
+
+
+def test_the_fit_recovers_a_bent_row_cost_a_straight_line_misses():
+    """CPU layers cost about one weight read up to some rows, then grow with them: the knotted features
+    recover such a curve from steps at mixed batches; the features without knots cannot."""
+    from helios_rl.env.calibrate import _fit
+
+    rng = np.random.default_rng(0)
+    true = {"c0": 0.01, "c_depth": 0.002, "c_tok": 1e-4, "c_row_layer": 2e-4, "c_layer_min8": 1.5e-3,
+            "c_head_min4": 3e-3, "c_pass": 2e-3, "c_prefill": 1e-5}
+    X, y = [], []
+    for _ in range(400):
+        n, pre = int(rng.integers(1, 33)), int(rng.integers(0, 3))
+        counts = np.zeros(6)
+        counts[[2, 5]] = rng.multinomial(n, [0.3, 0.7])
+        x = step_features(6, counts, [2], 50.0, 40 * pre, pre, pre)
+        X.append(x)
+        y.append(step_cost(true, x))
+    coef, sigma = _fit(np.array(X), np.array(y))
+    assert sigma < 1e-3
+    split = np.array([0, 0, 0.3, 0, 0, 0.7])  # a decode step of n rows as the workload splits them (in expectation)
+    full = lambda c, n: step_cost(c, step_features(6, split * n, [2], 50.0))  # noqa: E731
+    for n in (1, 3, 6, 10, 16, 24, 32):
+        assert full(coef, n) == pytest.approx(full(true, n), rel=0.01)
+    X = np.array(X)
+    X[:, [i for i, k in enumerate(FEATURES) if "_min" in k or "_over" in k]] = 0.0
+    line, _ = _fit(X, np.array(y))
+    assert max(abs(full(line, n) / full(true, n) - 1) for n in range(1, 33)) > 0.05
+
+
+def test_the_simulator_prices_the_second_pass_of_a_prefill_beside_decoding_rows():
+    """Prompts that arrive while others decode prefill in a pass of their own; its cost (c_pass) lengthens
+    exactly the steps that carry one, so requests' TPOT grows with it and a lone decode step does not."""
+    plain = SimBackend(_profile(), _scenario(), _workload, noise=False)
+    paid = SimBackend(_profile(c_pass=2e-3), _scenario(), _workload, noise=False)
+    a, b = _episode(plain, 0)[1], _episode(paid, 0)[1]
+    assert b["tpot_p95"] > a["tpot_p95"] and b["elapsed_s"] > a["elapsed_s"]
+    assert paid.pricer.decode(5) == plain.pricer.decode(5)
+    assert paid.pricer.mixed(5, 1, 10) == pytest.approx(plain.pricer.mixed(5, 1, 10) + 4 * 2e-3)
+    assert paid.pricer.mixed(0, 1, 10) == plain.pricer.mixed(0, 1, 10)

@@ -461,7 +461,7 @@ class Engine:
         decode_rows = [r for r in self.running if not r.needs_prefill]
         counts = np.zeros(self.model.num_layers, dtype=np.int64)
         stats = {"greedy": 0, "breach": 0, "conf_sum": 0.0, "conf_n": 0}
-        prefill_tokens = 0
+        prefill_tokens = prefill_n = prefill_done = 0
         failed = False
         with torch.inference_mode():
             if prefill_rows:
@@ -478,6 +478,7 @@ class Engine:
                     done.append(start + take == r.seq_len)
                     prefill_tokens += take
                 if rows:
+                    prefill_n = len(rows)
                     try:  # prefill runs every loaded layer (no exit); its first token is judged like any other
                         exits = self.loop.run_rows([r.slot for r in rows], seqs, self._policy,
                                                    allow_exit=np.zeros(len(rows), dtype=bool))
@@ -486,6 +487,7 @@ class Engine:
                         failed = True
                     else:
                         finished = [r for r, d in zip(rows, done) if d]
+                        prefill_done = len(finished)
                         for r in finished:
                             r.needs_prefill = False
                         keep = {i: j for j, i in enumerate(i for i, d in enumerate(done) if d)}
@@ -521,7 +523,8 @@ class Engine:
             prefill_tokens=prefill_tokens, decode_tokens=sum(1 for e in events if e.token_id >= 0), exit_counts=counts,
             greedy_exits=stats["greedy"], breaches=stats["breach"], conf_sum=stats["conf_sum"],
             conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished,
-            exit_mode=self.exit_mode, energy_j=energy, row_positions=self._row_positions()))
+            exit_mode=self.exit_mode, energy_j=energy, row_positions=self._row_positions(),
+            prefill_rows=prefill_n, prefill_done=prefill_done))
         return events
 
     def _fail_rows(self, rows: list[Request], exc: BaseException) -> list[TokenEvent]:

@@ -34,6 +34,8 @@ class StepRecord:
     exit_mode: str = "confidence"  # "replay": exits replayed from a measured distribution, not decided
     energy_j: float | None = None  # GPU energy over the step (NVML counter); None where not measured
     row_positions: np.ndarray | None = None  # positions each layer ran (packed windows: real ones only)
+    prefill_rows: int = 0  # requests in the step's prefill pass (each reads out the final head)
+    prefill_done: int = 0  # of those, the ones whose prompt completed (their first token is in exit_counts)
 
 
 @dataclass

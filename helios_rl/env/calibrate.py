@@ -22,7 +22,7 @@ from helios_rl.engine.engine import Engine
 from helios_rl.engine.engine import slot_bytes as engine_slot_bytes
 from helios_rl.engine.request import SamplingParams
 from helios_rl.env.backend import admissible_table, config_hash, engine_version, thr_key
-from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, head_evals_per_layer, step_features
+from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, step_features
 from helios_rl.evaluation.replay import format_prompt
 from helios_rl.evaluation.probe import PROBE_BATCH, SpeedProbe
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
@@ -32,6 +32,8 @@ from helios_rl.scenario import step_reference_model
 from helios_rl.utils.device import resolve_device
 
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+#: The largest batch the staggered-arrival timing run grows to (the plan of models.kernels covers 1-24 rows).
+STAGGER_BATCH = 32
 
 
 def depth_grid(num_layers: int, buckets: int = 4) -> list[int]:
@@ -245,9 +247,11 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
     slot_bytes = [int(engine_slot_bytes(settings, model, d)) for d in range(1, L + 1)]
     X, y = [], []
 
-    def run(depth: int, thr, batch: int, items: list[str], tokens_each: int = new_tokens) -> list:
+    def run(depth: int, thr, batch: int, items: list[str], tokens_each: int = new_tokens, stagger: int = 0) -> list:
         """Serve ``items`` at ``depth`` under exit setting ``thr`` (``"off"``: no exits); every step is
-        timed for the step-time fit. Returns the finished requests."""
+        timed for the step-time fit. ``stagger``: add that many requests before each step instead of all at
+        once, so prompts prefill beside a decoding batch that grows and then drains, as in serving.
+        Returns the finished requests."""
         layers = layers_for(thr)
         if thr == "off":
             knob = {"threshold": 1.0, "exit_layers": ()}
@@ -259,9 +263,13 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
         if thr is None:  # back to the calibrated per-layer thresholds
             engine.config.threshold = None
             engine._policy = engine._exit_policy(engine.config, engine.model)
-        heads = head_evals_per_layer(L, depth, list(layers))
-        ids = [engine.add_request(t, SamplingParams(max_new_tokens=tokens_each, ignore_eos=True)) for t in items]
-        while engine.has_unfinished():
+        params = SamplingParams(max_new_tokens=tokens_each, ignore_eos=True)
+        todo = list(items)
+        ids = []
+        while todo or engine.has_unfinished():
+            for t in todo[: stagger or len(todo)]:
+                ids.append(engine.add_request(t, params))
+            del todo[: stagger or len(todo)]
             rows = list(engine.running) + list(engine.waiting)[: max(0, engine.max_batch - len(engine.running))]
             ctx_mean = float(np.mean([r.seq_len for r in rows])) if rows else 0.0
             t0 = timer.start()
@@ -269,7 +277,10 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             rec = engine.telemetry.steps[-1]
             cost = timer.step_cost(t0, rec)
             clock.advance(cost)
-            X.append(step_features(depth, rec.exit_counts, heads, ctx_mean, rec.prefill_tokens))
+            decode = np.asarray(rec.exit_counts, dtype=float).copy()
+            decode[rec.depth - 1] -= rec.prefill_done  # a finished prompt's first token came from the prefill pass
+            X.append(step_features(rec.depth, decode, [] if thr == "off" else layers, ctx_mean, rec.prefill_tokens, rec.prefill_rows,
+                                   rec.prefill_done))
             y.append(cost)
         reqs = [engine.requests[i] for i in ids]
         for i in ids:
@@ -325,6 +336,11 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
         for bb in sorted({min(b, admissible[d - 1]) for b in batches} | {admissible[d - 1]}):
             if bb >= 1:
                 run(d, default_thr, bb, [texts[i % len(texts)] for i in range(bb)], 8)
+        # serving's shape: one prompt arrives per step and prefills beside the decoding batch, which grows to the
+        # batch cap and drains again, so every batch size up to it is timed with and without a prefill pass
+        bb = min(STAGGER_BATCH, admissible[d - 1])
+        if bb >= 2:
+            run(d, default_thr, bb, [texts[i % len(texts)] for i in range(bb)], bb, stagger=1)
     say(f"  {name}: batch sweep done ({len(y)} steps measured)")
     coef, sigma = _fit(np.array(X), np.array(y))
     engine.pool = None

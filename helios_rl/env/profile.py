@@ -19,8 +19,16 @@ from helios_rl.env.backend import engine_version, thr_key
 from helios_rl.utils.io import atomic_write_json
 
 PROFILE_FORMAT = "helios_rl.sim_profile/1"
-#: Step-time features, in order (see :func:`step_features`).
-FEATURES = ("c0", "c_depth", "c_tok", "c_row_layer", "c_head", "c_ctx", "c_prefill")
+#: Row counts where a layer's or a head's cost per row may change slope (CPU matmuls read the weights once
+#: up to some rows, then grow with them; see models.kernels): the cost of one layer (or head) on n rows is
+#: fitted as a non-negative mix of n, min(n, k) and max(0, n - k), i.e. any increasing piecewise-linear
+#: curve with these knots, not a straight line through a few batch sizes.
+KNOTS = (4, 8, 16)
+#: Step-time features, in order (see :func:`step_features`). Profiles written before a feature existed lack its
+#: coefficient, which then counts as 0.
+FEATURES = ("c0", "c_depth", "c_tok", "c_row_layer", "c_head", "c_ctx", "c_prefill", "c_pass",
+            *(f"c_layer_min{k}" for k in KNOTS), f"c_layer_over{KNOTS[-1]}",
+            *(f"c_head_min{k}" for k in KNOTS), f"c_head_over{KNOTS[-1]}")
 
 
 class ProfileError(ValueError):
@@ -36,14 +44,38 @@ def head_evals_per_layer(num_layers: int, depth: int, exit_layers: list[int]) ->
     return out
 
 
-def step_features(depth: int, exit_counts: np.ndarray, head_evals: np.ndarray, ctx_mean: float,
-                  prefill_tokens: int) -> np.ndarray:
-    """Feature vector of one engine step (``FEATURES`` order): its work, not its time."""
-    counts = np.asarray(exit_counts, dtype=float)
-    tokens = counts.sum()
-    rows_layers = float((counts * np.arange(1, len(counts) + 1)).sum())
-    heads = float((counts * head_evals[: len(counts)]).sum())
-    return np.array([1.0, depth, tokens, rows_layers, heads, rows_layers * ctx_mean, prefill_tokens * depth])
+def _knots(rows: np.ndarray) -> list[float]:
+    """``sum min(rows, k)`` for every knot, then ``sum max(0, rows - last knot)`` (see ``KNOTS``)."""
+    return [float(np.minimum(rows, k).sum()) for k in KNOTS] + [float(np.maximum(rows - KNOTS[-1], 0.0).sum())]
+
+
+def step_features(depth: int, decode_counts: np.ndarray, exit_layers: list[int], ctx_mean: float,
+                  prefill_tokens: int = 0, prefill_rows: int = 0, prefill_done: int = 0) -> np.ndarray:
+    """Feature vector of one engine step (``FEATURES`` order): its work, not its time.
+
+    A step runs up to two passes over the loaded layers (``Engine.step``): a prefill pass over
+    ``prefill_tokens`` prompt positions of ``prefill_rows`` requests (``prefill_done`` of them finish their
+    prompt and take their first token from the final head), and a decode pass whose rows leave at the layers
+    ``decode_counts`` counts (length >= ``depth``; fractional where the simulator passes expected rows). At
+    each layer the decode pass runs the rows that have not left yet; every exit layer of ``exit_layers``
+    below the last loaded one reads out those rows, and the last loaded layer's head the rows that reach it.
+    """
+    counts = np.asarray(decode_counts, dtype=float)[:depth]
+    reach = np.cumsum(counts[::-1])[::-1]  # rows running each loaded layer
+    ex = sorted(l for l in exit_layers if l < depth - 1)
+    head_rows = np.concatenate([reach[ex], reach[-1:]]) if len(reach) else np.zeros(0)
+    tokens = float(counts.sum()) + prefill_done
+    rows_layers = float(reach.sum()) + prefill_done * depth
+    heads = float(head_rows.sum()) + prefill_rows
+    both = depth if prefill_rows and counts.sum() > 0 else 0  # a second pass over the loaded layers
+    pre_heads = np.asarray([prefill_rows], dtype=float) if prefill_rows else np.zeros(0)
+    return np.array([1.0, depth, tokens, rows_layers, heads, rows_layers * ctx_mean, prefill_tokens * depth, both,
+                     *_knots(reach), *_knots(np.concatenate([head_rows, pre_heads]))])
+
+
+def step_cost(coef: dict[str, float], features: np.ndarray) -> float:
+    """Seconds the fitted step-time model gives a feature vector (coefficients a profile lacks count as 0)."""
+    return float(np.dot([coef.get(k, 0.0) for k in FEATURES], features))
 
 
 @dataclass
@@ -134,9 +166,10 @@ class ModelSim:
 
     def step_time(self, batch: int, ctx_tokens: float = 64.0, depth: int | None = None) -> float:
         """Fitted seconds of one full-depth (or ``depth``) decode step of ``batch`` rows without exits."""
-        c, d = self.step_coef, depth or self.num_layers
-        return (c["c0"] + c["c_depth"] * d + batch * (c["c_tok"] + c["c_row_layer"] * d + c["c_head"])
-                + c["c_ctx"] * d * batch * ctx_tokens)
+        d = depth or self.num_layers
+        counts = np.zeros(d)
+        counts[d - 1] = batch
+        return step_cost(self.step_coef, step_features(d, counts, [], ctx_tokens))
 
     def load_seconds(self, from_depth: int, to_depth: int, with_base: bool) -> float:
         base = 0 if with_base or from_depth < 1 else self.weight_bytes[from_depth - 1]

@@ -29,7 +29,7 @@ from helios_rl.engine.config import ServingConfig
 from helios_rl.scenario import exit_setting
 from helios_rl.engine.telemetry import TelemetrySnapshot
 from helios_rl.env.backend import Interval, episode_summary, percentiles, require_resolved_slo
-from helios_rl.env.profile import ModelSim, SimProfile, head_evals_per_layer
+from helios_rl.env.profile import ModelSim, SimProfile, step_cost, step_features
 
 
 class SimBackend:
@@ -149,8 +149,7 @@ class SimBackend:
         key = (model, depth, threshold)
         if key not in self._derived:
             self._derived[key] = self._derive(ms, depth, threshold)
-        (self.p, self.breach_p, self.agreement, self.conf, self.a0, self.a1, self.a1_pre, self.b,
-         self.c_pre) = self._derived[key]
+        self.p, self.breach_p, self.agreement, self.conf, self.pricer, self.b = self._derived[key]
         tkey = (model, depth, threshold, "tasks")
         if tkey not in self._derived:
             per = []
@@ -166,19 +165,13 @@ class SimBackend:
 
     @staticmethod
     def _derive(ms: ModelSim, depth: int, threshold: float | None) -> tuple:
-        """Exit statistics and step-time constants of one config (cached per config)."""
+        """Exit statistics and step pricing of one config (cached per config)."""
         p, breach, agreement, conf = ms.exit_stats(depth, threshold)
         p = p / p.sum() if p.sum() > 0 else p
-        heads = head_evals_per_layer(ms.num_layers, depth, ms.layers_for(threshold))
         m = float((p * np.arange(1, ms.num_layers + 1)).sum())
-        h = float((p * heads).sum())
-        c = ms.step_coef
-        # per step: a0 + n * a1 + b * (total context); prefill adds c_prefill * tokens * depth, and a
-        # prefill row runs every loaded layer (a1_pre instead of a1)
-        return (p, breach, agreement, conf, c["c0"] + c["c_depth"] * depth,
-                c["c_tok"] + c["c_row_layer"] * m + c["c_head"] * h,
-                c["c_tok"] + c["c_row_layer"] * depth + c["c_head"] * float(heads[depth - 1]),
-                c["c_ctx"] * m, c["c_prefill"] * depth)
+        # context costs c_ctx per row-layer per context token: b * (total context of the running rows)
+        return (p, breach, agreement, conf, _StepPricer(ms.step_coef, depth, p, ms.layers_for(threshold)),
+                ms.step_coef.get("c_ctx", 0.0) * m)
 
     # ------------------------------------------------------------------ serving
     @property
@@ -237,7 +230,7 @@ class SimBackend:
         floor, max_ppl = self.slo.agreement_floor, self.slo.max_reference_ppl
         arrivals0 = self.next_i
         slo_ttft, slo_tpot = self.slo.ttft_s, self.slo.tpot_s
-        a0, a1, b, running, heap = self.a0, self.a1, self.b, self.running, self.heap
+        pricer, b, running, heap = self.pricer, self.b, self.running, self.heap
         while True:
             if self.next_i < self.n_req and self.arr_t[self.next_i] <= self.now:
                 self._arrive()
@@ -254,7 +247,7 @@ class SimBackend:
                 self.now = t_next
                 continue
             G = self.G
-            alpha = max(1e-7, (a0 + a1 * n) * jitter)
+            alpha = max(1e-7, pricer.decode(n) * jitter)
             beta = b * jitter
             s0 = float(self.sum_base + n * G)
             if self.pre_ids:  # one step with prefill; every row (prefilled or not) yields a token
@@ -267,7 +260,7 @@ class SimBackend:
                     if row[3] != row[3]:  # NaN: no token yet; the engine stamps the step's start
                         row[3] = self.now
                 self.pre_ids = []
-                dt = max(1e-7, alpha + ((self.a1_pre - a1) * n_pre + self.c_pre * ptoks) * jitter + beta * s0)
+                dt = max(1e-7, pricer.mixed(n - n_pre, n_pre, ptoks) * jitter + beta * s0)
                 k = 1
                 prefill += ptoks
                 pre_tokens += n_pre
@@ -399,3 +392,26 @@ class SimBackend:
 
     def close(self) -> None:
         self.running, self.heap, self.waiting = {}, [], deque()
+
+
+class _StepPricer:
+    """Seconds of one step of a config from the profile's fitted step-time model (context aside): the
+    same features calibration fitted on, at the expected rows each layer runs when ``n`` rows leave by
+    the config's exit distribution ``p``."""
+
+    def __init__(self, coef: dict[str, float], depth: int, p: np.ndarray, exit_layers: list[int]) -> None:
+        self.coef, self.depth, self.p, self.layers = coef, depth, np.asarray(p, dtype=float), list(exit_layers)
+        self._decode: dict[int, float] = {}
+
+    def decode(self, n: int) -> float:
+        """A decode-only step of ``n`` rows."""
+        t = self._decode.get(n)
+        if t is None:
+            t = self._decode[n] = step_cost(self.coef, step_features(self.depth, n * self.p, self.layers, 0.0))
+        return t
+
+    def mixed(self, n_decode: int, n_prefill: int, prefill_tokens: int) -> float:
+        """A step that prefills ``n_prefill`` whole prompts (``prefill_tokens`` positions) beside ``n_decode``
+        decoding rows: two passes over the loaded layers where both are present."""
+        return step_cost(self.coef, step_features(self.depth, n_decode * self.p, self.layers, 0.0, prefill_tokens,
+                                                  n_prefill, n_prefill))

@@ -154,14 +154,16 @@ def test_step_features_count_each_pass_and_the_rows_every_layer_and_head_runs():
     f = dict(zip(FEATURES, decode))
     reach = [6, 4, 4, 3]  # rows running each layer
     assert (f["c0"], f["c_depth"], f["c_tok"], f["c_row_layer"]) == (1, 4, 6, sum(reach))
-    assert f["c_head"] == 6 + 4 + 3  # exit heads read the rows reaching them, the final head the rest
+    assert f["c_head"] == 6 + 4  # exit heads read out the rows reaching them
+    assert (f["c_lm"], f["c_lm_min1"]) == (3, 1)  # the full-width head: one call on the rows reaching the end
     assert f["c_ctx"] == sum(reach) * 10.0 and f["c_prefill"] == 0 and f["c_pass"] == 0
-    assert (f["c_layer_min4"], f["c_layer_min8"], f["c_layer_over16"]) == (15, 17, 0)
-    assert (f["c_head_min4"], f["c_head_min8"]) == (4 + 4 + 3, 13)
+    assert (f["c_layer_min1"], f["c_layer_min4"], f["c_layer_min8"], f["c_layer_over16"]) == (4, 15, 17, 0)
+    assert (f["c_head_min1"], f["c_head_min4"], f["c_head_min8"]) == (2, 8, 10)
     # the same step with a prefill pass of two prompts (one finishing) beside it: a second pass of 4 layers
+    # and a second call of the full-width head
     mixed = dict(zip(FEATURES, step_features(4, np.array([2, 0, 1, 3]), [0, 2], 10.0, 20, 2, 1)))
     assert (mixed["c_pass"], mixed["c_prefill"], mixed["c_tok"]) == (4, 80, 7)
-    assert (mixed["c_row_layer"], mixed["c_head"], mixed["c_head_min4"]) == (sum(reach) + 4, 15, 11 + 2)
+    assert (mixed["c_row_layer"], mixed["c_head"], mixed["c_lm"], mixed["c_lm_min1"]) == (sum(reach) + 4, 10, 5, 2)
     # a prefill-only step is one pass
     assert dict(zip(FEATURES, step_features(4, np.zeros(4), [0, 2], 0.0, 20, 2, 2)))["c_pass"] == 0
 
@@ -173,7 +175,7 @@ def test_the_fit_recovers_a_bent_row_cost_a_straight_line_misses():
 
     rng = np.random.default_rng(0)
     true = {"c0": 0.01, "c_depth": 0.002, "c_tok": 1e-4, "c_row_layer": 2e-4, "c_layer_min8": 1.5e-3,
-            "c_head_min4": 3e-3, "c_pass": 2e-3, "c_prefill": 1e-5}
+            "c_head_min4": 3e-3, "c_lm_min1": 5e-3, "c_lm": 1e-4, "c_pass": 2e-3, "c_prefill": 1e-5}
     X, y = [], []
     for _ in range(400):
         n, pre = int(rng.integers(1, 33)), int(rng.integers(0, 3))

@@ -20,28 +20,24 @@ from helios_rl.utils.io import atomic_write_json
 
 PROFILE_FORMAT = "helios_rl.sim_profile/1"
 #: Row counts where a layer's or a head's cost per row may change slope (CPU matmuls read the weights once
-#: up to some rows, then grow with them; see models.kernels): the cost of one layer (or head) on n rows is
+#: up to some rows, then grow with them; see models.kernels): the cost of one layer (or head) call on n rows is
 #: fitted as a non-negative mix of n, min(n, k) and max(0, n - k), i.e. any increasing piecewise-linear
-#: curve with these knots, not a straight line through a few batch sizes.
-KNOTS = (4, 8, 16)
+#: curve with these knots (min(n, 1): a fixed cost per call), not a straight line through a few batch sizes.
+KNOTS = (1, 4, 8, 16)
+
+
+def _knotted(name: str) -> tuple[str, ...]:
+    return (*(f"c_{name}_min{k}" for k in KNOTS), f"c_{name}_over{KNOTS[-1]}")
+
+
 #: Step-time features, in order (see :func:`step_features`). Profiles written before a feature existed lack its
 #: coefficient, which then counts as 0.
-FEATURES = ("c0", "c_depth", "c_tok", "c_row_layer", "c_head", "c_ctx", "c_prefill", "c_pass",
-            *(f"c_layer_min{k}" for k in KNOTS), f"c_layer_over{KNOTS[-1]}",
-            *(f"c_head_min{k}" for k in KNOTS), f"c_head_over{KNOTS[-1]}")
+FEATURES = ("c0", "c_depth", "c_tok", "c_row_layer", "c_head", "c_ctx", "c_prefill", "c_pass", "c_lm",
+            *_knotted("layer"), *_knotted("head"), *_knotted("lm"))
 
 
 class ProfileError(ValueError):
     """A profile that cannot serve this scenario (other engine version, other model, malformed)."""
-
-
-def head_evals_per_layer(num_layers: int, depth: int, exit_layers: list[int]) -> np.ndarray:
-    """Exit-head evaluations a token costs when it leaves at each layer (1 final + exits passed)."""
-    ex = sorted(l for l in exit_layers if l < depth - 1)
-    out = np.ones(num_layers)
-    for l in range(num_layers):
-        out[l] += sum(1 for e in ex if e < l)
-    return out
 
 
 def _knots(rows: np.ndarray) -> list[float]:
@@ -58,19 +54,21 @@ def step_features(depth: int, decode_counts: np.ndarray, exit_layers: list[int],
     prompt and take their first token from the final head), and a decode pass whose rows leave at the layers
     ``decode_counts`` counts (length >= ``depth``; fractional where the simulator passes expected rows). At
     each layer the decode pass runs the rows that have not left yet; every exit layer of ``exit_layers``
-    below the last loaded one reads out those rows, and the last loaded layer's head the rows that reach it.
+    below the last loaded one reads them out over its exit vocabulary (``c_head``; a leaving row's
+    full-width logits are an expansion, priced per token), and the last loaded layer's full-width head
+    (``c_lm``: Gemma3's is 262k rows) runs once on the rows that reach it and once on the prefill pass's.
     """
     counts = np.asarray(decode_counts, dtype=float)[:depth]
     reach = np.cumsum(counts[::-1])[::-1]  # rows running each loaded layer
     ex = sorted(l for l in exit_layers if l < depth - 1)
-    head_rows = np.concatenate([reach[ex], reach[-1:]]) if len(reach) else np.zeros(0)
+    readouts = reach[ex]  # an exit head reads out (over its exit vocabulary) the rows reaching its layer
+    # the last loaded layer's full-width head: once for the decode rows reaching it, once for the prefill pass
+    lm = np.asarray(([reach[-1]] if len(reach) else []) + ([prefill_rows] if prefill_rows else []), dtype=float)
     tokens = float(counts.sum()) + prefill_done
     rows_layers = float(reach.sum()) + prefill_done * depth
-    heads = float(head_rows.sum()) + prefill_rows
     both = depth if prefill_rows and counts.sum() > 0 else 0  # a second pass over the loaded layers
-    pre_heads = np.asarray([prefill_rows], dtype=float) if prefill_rows else np.zeros(0)
-    return np.array([1.0, depth, tokens, rows_layers, heads, rows_layers * ctx_mean, prefill_tokens * depth, both,
-                     *_knots(reach), *_knots(np.concatenate([head_rows, pre_heads]))])
+    return np.array([1.0, depth, tokens, rows_layers, float(readouts.sum()), rows_layers * ctx_mean,
+                     prefill_tokens * depth, both, float(lm.sum()), *_knots(reach), *_knots(readouts), *_knots(lm)])
 
 
 def step_cost(coef: dict[str, float], features: np.ndarray) -> float:

@@ -191,6 +191,20 @@ def test_profile_cache_key_ignores_the_slo_but_not_the_engine(tiny_scenario, tmp
     assert variant("calls", seed=data.get("seed", 0) + 1) != base
 
 
+@pytest.mark.parametrize("source", ["engine/engine.py", "env/calibrate.py", "env/profile.py", "models/kernels.py"])
+def test_a_profile_belongs_to_the_engine_calibration_and_step_features_that_made_it(source, monkeypatch):
+    """A profile's coefficients mean what the step-time features meant when it was fitted: changing how steps
+    run, how they are measured or which features price them makes every cached profile another version."""
+    import helios_rl
+    from helios_rl.env.backend import engine_version
+
+    before = engine_version()
+    target = Path(helios_rl.__file__).resolve().parent / source
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read(self) + (b"# changed" if self == target else b""))
+    assert engine_version() != before
+
+
 def test_masks_forbid_batches_the_budget_cannot_hold(tiny_scenario, tiny_profile):
     env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile))
     env.reset(seed=0)

@@ -26,13 +26,16 @@ ENGINE_DIR = Path(__file__).resolve().parent.parent / "engine"
 
 
 def engine_version() -> str:
-    """Package version plus a hash of the engine's source and of the calibration procedure: a profile is
-    only valid for the engine (and the calibration) that measured it."""
+    """Package version plus a hash of the engine's source, the calibration procedure and the step-time
+    features: a profile is only valid for the engine (and the calibration and features) that measured it."""
     from helios_rl import __version__
 
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for f in sorted(ENGINE_DIR.glob("*.py")) + [here / "calibrate.py", here.parent / "evaluation" / "probe.py",
+    # profile.py defines the step-time features a profile's coefficients belong to: a fit of other features
+    # read with these would price steps with the wrong coefficients
+    for f in sorted(ENGINE_DIR.glob("*.py")) + [here / "calibrate.py", here / "profile.py",
+                                             here.parent / "evaluation" / "probe.py",
                                              here.parent / "models" / "kernels.py"]:  # how products are computed
         h.update(f.name.encode())
         h.update(f.read_bytes())

@@ -36,7 +36,7 @@ def main() -> None:
     from helios_rl.engine.config import ServingConfig
     from helios_rl.env.fidelity import replay_configs
     from helios_rl.env.live import LiveBackend
-    from helios_rl.env.profile import SimProfile, default_profile_path, step_cost, step_features
+    from helios_rl.env.profile import SimProfile, default_profile_path, record_features, step_cost
     from helios_rl.env.sim import SimBackend
     from helios_rl.env.workload import EpisodeWorkload
     from helios_rl.evaluation.harness import machine_info
@@ -67,12 +67,9 @@ def main() -> None:
     def record(t0, rec):  # the live backend's own step costing, with what the fit needs to price the step
         cost = measure(t0, rec)
         rows = list(live.engine.running)
-        decode = np.asarray(rec.exit_counts, dtype=float).copy()
-        decode[rec.depth - 1] -= rec.prefill_done
-        feats = step_features(rec.depth, decode, layers, float(np.mean([r.seq_len for r in rows])) if rows else 0.0,
-                              rec.prefill_tokens, rec.prefill_rows, rec.prefill_done)
-        steps.append({"charged": live._cost(cost), "decode_rows": int(decode.sum()), "prefill": rec.prefill_tokens,
-                      "price": step_cost(ms.step_coef, feats)})
+        feats = record_features(rec, layers, float(np.mean([r.seq_len for r in rows])) if rows else 0.0)
+        steps.append({"charged": live._cost(cost), "decode_rows": int(rec.exit_counts.sum()) - rec.prefill_done,
+                      "prefill": rec.prefill_tokens, "price": step_cost(ms.step_coef, feats)})
         return cost
 
     live.timer.step_cost = record

@@ -22,7 +22,7 @@ from helios_rl.engine.engine import Engine
 from helios_rl.engine.engine import slot_bytes as engine_slot_bytes
 from helios_rl.engine.request import SamplingParams
 from helios_rl.env.backend import admissible_table, config_hash, engine_version, thr_key
-from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, step_features
+from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, record_features
 from helios_rl.evaluation.replay import format_prompt
 from helios_rl.evaluation.probe import PROBE_BATCH, SpeedProbe
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
@@ -32,7 +32,7 @@ from helios_rl.scenario import step_reference_model
 from helios_rl.utils.device import resolve_device
 
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
-#: The largest batch the staggered-arrival timing run grows to (the plan of models.kernels covers 1-24 rows).
+#: The largest batch the staggered-arrival timing run grows to.
 STAGGER_BATCH = 32
 
 
@@ -264,12 +264,11 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             engine.config.threshold = None
             engine._policy = engine._exit_policy(engine.config, engine.model)
         params = SamplingParams(max_new_tokens=tokens_each, ignore_eos=True)
-        todo = list(items)
-        ids = []
+        todo, ids = list(items), []
         while todo or engine.has_unfinished():
-            for t in todo[: stagger or len(todo)]:
-                ids.append(engine.add_request(t, params))
-            del todo[: stagger or len(todo)]
+            n = stagger or len(todo)
+            ids += [engine.add_request(t, params) for t in todo[:n]]
+            del todo[:n]
             rows = list(engine.running) + list(engine.waiting)[: max(0, engine.max_batch - len(engine.running))]
             ctx_mean = float(np.mean([r.seq_len for r in rows])) if rows else 0.0
             t0 = timer.start()
@@ -277,10 +276,7 @@ def _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, pro
             rec = engine.telemetry.steps[-1]
             cost = timer.step_cost(t0, rec)
             clock.advance(cost)
-            decode = np.asarray(rec.exit_counts, dtype=float).copy()
-            decode[rec.depth - 1] -= rec.prefill_done  # a finished prompt's first token came from the prefill pass
-            X.append(step_features(rec.depth, decode, [] if thr == "off" else layers, ctx_mean, rec.prefill_tokens, rec.prefill_rows,
-                                   rec.prefill_done))
+            X.append(record_features(rec, [] if thr == "off" else layers, ctx_mean))
             y.append(cost)
         reqs = [engine.requests[i] for i in ids]
         for i in ids:

@@ -71,6 +71,15 @@ def step_features(depth: int, decode_counts: np.ndarray, exit_layers: list[int],
                      prefill_tokens * depth, both, float(lm.sum()), *_knots(reach), *_knots(readouts), *_knots(lm)])
 
 
+def record_features(rec, exit_layers: list[int], ctx_mean: float) -> np.ndarray:
+    """:func:`step_features` of a step the engine ran (its ``StepRecord``): a prompt that finished in the prefill
+    pass counts its first token at the last loaded layer, which the decode pass did not run."""
+    decode = np.asarray(rec.exit_counts, dtype=float).copy()
+    decode[rec.depth - 1] -= rec.prefill_done
+    return step_features(rec.depth, decode, exit_layers, ctx_mean, rec.prefill_tokens, rec.prefill_rows,
+                         rec.prefill_done)
+
+
 def step_cost(coef: dict[str, float], features: np.ndarray) -> float:
     """Seconds the fitted step-time model gives a feature vector (coefficients a profile lacks count as 0)."""
     return float(np.dot([coef.get(k, 0.0) for k in FEATURES], features))

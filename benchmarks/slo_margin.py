@@ -36,16 +36,11 @@ def shares(values: np.ndarray, grid, band: float = 0.05) -> list[dict]:
     return out
 
 
-def _static_model(sc) -> str:
-    st = sc.controllers.get("static")  # resolve_slo's model: the static baseline's
-    return (st.model if st is not None and st.model else None) or sc.models[0]
-
-
 def probe(path: str, methods: list[str], seeds: list[int], min_tokens: int, say) -> dict:
     from helios_rl.agents.compare import run_episode
     from helios_rl.bench.trials import _context, _env, _profile
     from helios_rl.controllers import make_controller
-    from helios_rl.scenario import load_scenario
+    from helios_rl.scenario import load_scenario, step_reference_model
 
     sc = load_scenario(path)
     rel = {name: (mult, batch) for name, mult, batch in sc.slo.relative}
@@ -79,7 +74,7 @@ def probe(path: str, methods: list[str], seeds: list[int], min_tokens: int, say)
                             "ttft_x_step": dict(zip([f"p{k}" for k in q], np.percentile(tt, q).round(2).tolist()))}
     tp, tt = np.concatenate(tp_all), np.concatenate(tt_all)
     return {"scenario": sc.name, "path": path, "reference_step_s": ref,
-            "reference": {k: {"model": _static_model(sc), "batch": v[1], "multiple_now": v[0]} for k, v in rel.items()},
+            "reference": {k: {"model": step_reference_model(sc), "batch": v[1], "multiple_now": v[0]} for k, v in rel.items()},
             "methods": per_method, "tpot_grid": shares(tp, TPOT_GRID), "ttft_grid": shares(tt, TTFT_GRID)}
 
 

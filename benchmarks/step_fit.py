@@ -36,12 +36,12 @@ def main() -> None:
     from helios_rl.engine.config import ServingConfig
     from helios_rl.env.fidelity import replay_configs
     from helios_rl.env.live import LiveBackend
-    from helios_rl.env.profile import SimProfile, default_profile_path, record_features, step_cost
+    from helios_rl.env.profile import SimProfile, default_profile_path, record_features, resolve_scenario, step_cost
     from helios_rl.env.sim import SimBackend
     from helios_rl.env.workload import EpisodeWorkload
     from helios_rl.evaluation.harness import machine_info
     from helios_rl.evaluation.runtime import set_threads
-    from helios_rl.scenario import load_scenario, resolve_slo
+    from helios_rl.scenario import load_scenario
     from helios_rl.seeds import dev_seed
     from helios_rl.utils.provenance import git_revision
 
@@ -50,7 +50,7 @@ def main() -> None:
     path = args.profile or str(default_profile_path(sc0))
     prof = SimProfile.load(path)
     prof.check(sc0, path)
-    sc = resolve_slo(sc0, lambda m, b: prof.models[m].step_time(b))
+    sc, reference = resolve_scenario(sc0, prof)
     knob = {}
     if args.setting is not None:
         knob = {"target": float(args.setting)} if sc.exits.mode == "target" else {"threshold": float(args.setting)}
@@ -99,7 +99,7 @@ def main() -> None:
     bins = sorted({(s["decode_rows"] - 1) // 4 * 4 + 1 for s in decode_only if s["decode_rows"]})
     out = {"scenario": sc.name, "profile": path, "seed": seed, "config": {"model": cfg.model, "depth": cfg.depth,
            "max_batch": cfg.max_batch, "setting": args.setting},
-           "slo_tpot_s": round(sc.slo.tpot_s, 4),
+           "slo_tpot_s": round(sc.slo.tpot_s, 4), "slo_reference": reference,
            "live": {"tokens_per_s": round(live_summary["tokens_per_s"], 3), "tpot_p50_s": q(live_tpot, 50),
                     "tpot_p95_s": q(live_tpot, 95), "drift": live_summary.get("drift")},
            "sim": {"tokens_per_s": round(sim_summary["tokens_per_s"], 3), "tpot_p50_s": q(sim_tpot, 50),

@@ -459,8 +459,8 @@ def _threshold(v: Any, key: str) -> float | None:
 
 def _slo_time(v: Any, key: str) -> tuple[float, tuple[float, int] | None]:
     """Seconds, or ``{x_step: M, batch: B}``: M times the static model's full-depth decode step at batch B
-    on this machine (resolved from the calibrated profile, so the scenario poses the same problem on a
-    faster or slower machine)."""
+    on this machine (measured at calibration and resolved from the profile, so the scenario poses the same
+    problem on a faster or slower machine)."""
     if isinstance(v, dict):
         k = Keys(v, key)
         mult = k.get("x_step", number(0, lo_open=True), required=True)
@@ -475,6 +475,12 @@ def step_reference_model(sc: "Scenario") -> str:
     the static baseline's, else the scenario's first."""
     st = sc.controllers.get("static")
     return (st.model if st is not None and getattr(st, "model", None) else None) or sc.models[0]
+
+
+def reference_batches(sc: "Scenario") -> tuple[int, ...]:
+    """The batches at which this scenario's relative SLOs (``x_step``) and arrival rates (``rate_unit``) take
+    the reference model's full-depth decode step: calibration measures the step at each of them."""
+    return tuple(sorted({b for _, _, b in sc.slo.relative} | ({sc.rate_batch} if sc.rate_batch is not None else set())))
 
 
 def _rate_unit(v: Any, key: str) -> int:
@@ -504,12 +510,15 @@ def resolve_rates(sc: "Scenario", step_time) -> "Scenario":
     return replace(sc, workload=replace(sc.workload, arrival=arrival), rate_batch=None)
 
 
-def slo_record(resolved: "Scenario", declared: "Scenario") -> dict:
+def slo_record(resolved: "Scenario", declared: "Scenario", reference: dict | None = None) -> dict:
     """The SLO a run served against, as results record it: every field in seconds as resolved on this machine,
-    and the relative terms it was resolved from (``[name, multiple, batch]``; empty when absolute)."""
+    the relative terms it was resolved from (``[name, multiple, batch]``; empty when absolute) and the reference
+    steps they were multiples of (``reference``: model, seconds by batch, and whether measured or fitted)."""
     from dataclasses import asdict
 
     out = {**asdict(resolved.slo), "relative": [list(r) for r in declared.slo.relative]}
+    if reference is not None:
+        out["reference"] = reference
     if declared.rate_batch is not None:  # the arrival rates the run served, resolved from capacity multiples
         a = resolved.workload.arrival
         out["arrival"] = {"rate_unit": {"capacity_batch": declared.rate_batch}, "rate": a.rate,
@@ -520,7 +529,8 @@ def slo_record(resolved: "Scenario", declared: "Scenario") -> dict:
 def resolve_slo(sc: "Scenario", step_time) -> "Scenario":
     """``sc`` with its relative SLOs in seconds (and its relative arrival rates in requests/s, see
     :func:`resolve_rates`): ``step_time(model, batch)`` is the full-depth decode step of ``model`` at ``batch``
-    (from a calibrated profile); the model is the static baseline's."""
+    (a calibrated profile's measured reference step, :meth:`~helios_rl.env.profile.SimProfile.reference_step`);
+    the model is the static baseline's."""
     sc = resolve_rates(sc, step_time)
     if not sc.slo.relative:
         return sc

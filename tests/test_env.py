@@ -301,6 +301,97 @@ def test_calibration_records_the_speed_probe(drift_setup):
     assert sp["s"] == pytest.approx(float(np.median(sp["samples"])), abs=1e-5) and sp["s"] > 0  # samples: 5 decimals
 
 
+@pytest.fixture(scope="module")
+def relative_setup(drift_setup):
+    """The drift scenario with SLOs relative to the machine at batches 2 and 4, and its calibrated profile."""
+    from helios_rl.env.calibrate import calibrate
+    from helios_rl.scenario import Scenario
+
+    path, _ = drift_setup
+    text = path.read_text()
+    old = "slo: {ttft_s: 0.05, tpot_s: 0.01, objective: throughput}"
+    assert old in text
+    rel = path.parent / "relative.yaml"
+    rel.write_text(text.replace(old, "slo: {ttft_s: {x_step: 50, batch: 4}, tpot_s: {x_step: 3, batch: 2}, "
+                                     "objective: throughput}"))
+    prof = calibrate(Scenario.from_yaml(rel), thresholds=(0.06,), batches=(1, 4), prompts=2, new_tokens=4,
+                     min_tokens=20)
+    prof.save(path.parent / "relative-profile.json")
+    return rel, path.parent / "relative-profile.json"
+
+
+def test_calibration_measures_the_reference_step_at_every_batch_the_slo_names(relative_setup):
+    from helios_rl.env.profile import SimProfile
+    from helios_rl.scenario import Scenario, step_reference_model
+
+    path, prof = relative_setup
+    meta = SimProfile.load(prof).meta
+    ref, sc = meta["reference_steps"], Scenario.from_yaml(path)
+    assert ref["model"] == step_reference_model(sc) and sorted(ref["s"]) == ["2", "4", "8"]  # 8: the speed probe
+    for b, v in ref["samples"].items():
+        assert len(v) == 2 + len(sc.models) and ref["s"][b] > 0 and ref["s"][b] == pytest.approx(float(np.median(v)), abs=1e-5)
+    assert ref["s"]["8"] == pytest.approx(meta["speed_probe"]["s"])
+
+
+def test_relative_slos_resolve_from_the_measured_reference_step_not_the_fit(relative_setup, tmp_path):
+    from helios_rl.env.profile import SimProfile
+    from helios_rl.scenario import step_reference_model
+
+    path, prof = relative_setup
+    p = SimProfile.load(prof)
+    p.meta["reference_steps"]["s"].update({"2": 0.125, "4": 0.5})  # what calibration measured (say)
+    p.save(tmp_path / "p.json")
+    model = p.meta["reference_steps"]["model"]
+    assert p.models[model].step_time(2) != pytest.approx(0.125)  # the fit would answer otherwise
+    env = HeliosServingEnv(str(path), backend="sim", profile=str(tmp_path / "p.json"))
+    assert env.scenario.slo.tpot_s == pytest.approx(3 * 0.125) and env.scenario.slo.ttft_s == pytest.approx(50 * 0.5)
+    assert env.slo_reference == {"model": model, "source": "measured", "step_s": {"2": 0.125, "4": 0.5}}
+    assert model == step_reference_model(env.scenario)
+    env.close()
+    # a batch calibration did not measure is an error naming it, not a fitted stand-in
+    del p.meta["reference_steps"]["s"]["4"]
+    p.save(tmp_path / "q.json")
+    with pytest.raises(ProfileError, match=f"no measured full-depth step of {model} at batch 4.*measured: \\[2, 8\\]"):
+        HeliosServingEnv(str(path), backend="sim", profile=str(tmp_path / "q.json"))
+    from helios_rl.scenario import Scenario
+
+    with pytest.raises(ProfileError, match="batch 4.*re-calibrate"):
+        SimProfile.load(tmp_path / "q.json").check(Scenario.from_yaml(path), "q.json")
+
+
+def test_a_modeled_profile_resolves_relative_slos_from_its_fit_and_says_so(tiny_scenario, tiny_profile, tmp_path):
+    from helios_rl.env.profile import SimProfile, resolve_scenario
+    from helios_rl.scenario import Scenario, step_reference_model
+
+    text = tiny_scenario.read_text()
+    old = "slo: {ttft_s: 0.05, tpot_s: 0.01, objective: throughput}"
+    path = tmp_path / "rel.yaml"
+    path.write_text(text.replace(old, "slo: {ttft_s: 0.05, tpot_s: {x_step: 3, batch: 4}, objective: throughput}"))
+    sc, prof = Scenario.from_yaml(path), SimProfile.load(tiny_profile)
+    assert prof.timing == "modeled" and "reference_steps" not in prof.meta
+    res, ref = resolve_scenario(sc, prof)
+    model = step_reference_model(sc)
+    assert res.slo.tpot_s == pytest.approx(3 * prof.models[model].step_time(4))
+    assert ref["source"] == "step-time fit (timing: modeled)" and list(ref["step_s"]) == ["4"]
+
+
+def test_the_profile_key_holds_the_reference_batches_not_the_multiples(tiny_scenario, tmp_path):
+    from helios_rl.env.profile import default_profile_path
+    from helios_rl.scenario import Scenario
+
+    text = tiny_scenario.read_text()
+    old = "slo: {ttft_s: 0.05, tpot_s: 0.01, objective: throughput}"
+
+    def key(slo: str) -> str:
+        path = tmp_path / "k.yaml"
+        path.write_text(text.replace(old, slo))
+        return default_profile_path(Scenario.from_yaml(path)).name
+
+    a = key("slo: {ttft_s: 0.05, tpot_s: {x_step: 3, batch: 4}, objective: throughput}")
+    assert a == key("slo: {ttft_s: 0.05, tpot_s: {x_step: 5, batch: 4}, objective: throughput}")
+    assert a != key("slo: {ttft_s: 0.05, tpot_s: {x_step: 3, batch: 8}, objective: throughput}")
+
+
 def test_drift_probe_scales_every_cost_by_calibrated_over_measured(drift_setup, monkeypatch):
     path, prof = drift_setup
     env = HeliosServingEnv(str(path), backend="live", profile=str(prof))

@@ -145,7 +145,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
 
         profile = str(ensure_profile(sc, say=say))
     henv = HeliosServingEnv(sc, backend=backend, profile=profile)
-    slo = slo_record(henv.scenario, sc)
+    slo = slo_record(henv.scenario, sc, henv.slo_reference)
     sc = henv.scenario  # relative SLOs resolved on this machine
     seed_list = [HELDOUT_SEED_BASE + k for k in range(seeds)]
     try:

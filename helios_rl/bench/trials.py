@@ -131,7 +131,7 @@ def _prepare(spec: dict, cfg: dict, out: Path) -> dict:
         table.append({"point": {k: getattr(point, k) for k in ("model", "depth", "max_batch", "setting")},
                       "goodput_tps": _mean_goodput(env, StaticController(ctx, point), seeds)})
     best = max(table, key=lambda r: r["goodput_tps"])
-    out = {"profile": profile, "slo": slo_record(env.scenario, load_scenario(spec["scenario"])),
+    out = {"profile": profile, "slo": slo_record(env.scenario, load_scenario(spec["scenario"]), env.slo_reference),
            "best_static": best, "best_static_seeds": seeds, "best_static_grid": table}
     if "tuned-aimd" in cfg["baselines"]:
         aimd = [{"point": params_dict(pt), "goodput_tps": _mean_goodput(env, AimdController(ctx, pt), seeds)}

@@ -28,7 +28,7 @@ from helios_rl.evaluation.probe import PROBE_BATCH, SpeedProbe
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
 from helios_rl.models.layered import release_freed_memory
 from helios_rl.models.registry import resolve_model
-from helios_rl.scenario import step_reference_model
+from helios_rl.scenario import reference_batches, step_reference_model
 from helios_rl.utils.device import resolve_device
 
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -139,24 +139,35 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
                                   + [sc.exits.setting]))
     models = {}
     t_start = time.perf_counter()
-    probe, probes = None, []
+    # the machine's speed while it was calibrated (evaluation.probe), and the reference model's full-depth step
+    # at every batch the scenario's relative SLOs and arrival rates name, measured beside it (the unit they are
+    # resolved in: SimProfile.reference_step), each sampled before, between and after the models' calibrations
+    probes: dict[int, SpeedProbe] = {}
+    samples: dict[int, list[float]] = {}
+
+    def sample() -> None:
+        for b, pr in probes.items():
+            samples.setdefault(b, []).append(pr.measure())
+
     try:
-        if timer.mode != "modeled":  # the machine's speed while it was calibrated (evaluation.probe)
-            probe = SpeedProbe(sc, timer)
-            probes.append(probe.measure())
+        if timer.mode != "modeled":
+            probes[PROBE_BATCH] = SpeedProbe(sc, timer)
+            for b in reference_batches(sc):
+                if b not in probes:
+                    probes[b] = SpeedProbe(sc, timer, batch=b, model=probes[PROBE_BATCH].model)
+            sample()
         for name in sc.models:
             models[name] = _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts,
                                   acc_tokens, say, acc_items)
-            if probe is not None:
-                probes.append(probe.measure())
+            sample()
         calibrate_switches(sc, models, loader, timer, texts, say)
-        if probe is not None:
-            probes.append(probe.measure())
-            say(f"  speed probe ({probe.model_name}, batch {PROBE_BATCH}): "
-                + ", ".join(f"{p * 1000:.0f}" for p in probes) + " ms")
+        sample()
+        for b in sorted(samples):
+            say(f"  reference step ({step_reference_model(sc)}, full depth, batch {b}): "
+                + ", ".join(f"{p * 1000:.0f}" for p in samples[b]) + " ms")
     finally:
-        if probe is not None:
-            probe.close()
+        for b in sorted(probes, key=lambda b: b == PROBE_BATCH):  # the probe owning the model last
+            probes[b].close()
         set_threads(prev)
     settings = {"memory_budget_bytes": sc.engine.memory_budget_bytes, "max_batch": sc.engine.max_batch,
                 "max_model_len": sc.engine.max_model_len, "kv_strategy": sc.engine.kv_strategy,
@@ -169,9 +180,13 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
                                           default=0)}
     if linear_plan is not None:  # the row counts taking (W @ x.T).T
         meta["linear_plan"] = linear_plan
-    if probes:  # median over the calibration; the spread says whether the machine held still meanwhile
+    if samples:  # medians over the calibration; the spread says whether the machine held still meanwhile
         meta["speed_probe"] = {"model": step_reference_model(sc), "batch": PROBE_BATCH,
-                               "s": float(np.median(probes)), "samples": [round(p, 5) for p in probes]}
+                               "s": float(np.median(samples[PROBE_BATCH])),
+                               "samples": [round(p, 5) for p in samples[PROBE_BATCH]]}
+        meta["reference_steps"] = {"model": step_reference_model(sc),
+                                   "s": {str(b): float(np.median(v)) for b, v in sorted(samples.items())},
+                                   "samples": {str(b): [round(p, 5) for p in v] for b, v in sorted(samples.items())}}
     return SimProfile(engine_version(), sc.name, timer.mode, settings, models, meta)
 
 

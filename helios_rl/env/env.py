@@ -79,17 +79,17 @@ class HeliosServingEnv(gym.Env):
                                              timing=timing).items() if v is not None}
         self.scenario = load_scenario(scenario)
         ppath = None
+        self.slo_reference = None  # the measured reference steps relative SLOs were resolved from (results record it)
         kind = backend or self.scenario.backend.kind
         drift = kind == "live" and self.scenario.backend.drift == "probe"
         if self.scenario.slo.relative or self.scenario.rate_batch is not None or drift:  # relative to this
             # machine: SLOs and arrival rates resolved from the calibrated profile (and its speed probe)
-            from helios_rl.env.profile import SimProfile, ensure_profile
-            from helios_rl.scenario import resolve_slo
+            from helios_rl.env.profile import SimProfile, ensure_profile, resolve_scenario
 
             ppath = ensure_profile(self.scenario, say=lambda m: print(m, file=sys.stderr, flush=True)) \
                 if profile in (None, "auto") else profile
             prof = SimProfile.load(ppath)
-            self.scenario = resolve_slo(self.scenario, lambda m, b: prof.models[m].step_time(b))
+            self.scenario, self.slo_reference = resolve_scenario(self.scenario, prof)
         sc = self.scenario
         self.scenario_path = sc.path if isinstance(scenario, Scenario) or scenario is None else str(scenario)
         if kind not in ("sim", "live"):

@@ -85,12 +85,12 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     from helios_rl.env.workload import EpisodeWorkload
     from helios_rl.evaluation.profiling import ensure_repository
     from helios_rl.evaluation.runtime import set_threads
-    from helios_rl.scenario import resolve_slo
+    from helios_rl.env.profile import resolve_scenario
 
     prof = SimProfile.load(profile_path)
     prof.check(scenario, str(profile_path))
     # relative SLOs (x_step) in seconds on this machine, from the profile, as the environment resolves them
-    sc = resolve_slo(scenario, lambda m, b: prof.models[m].step_time(b))
+    sc, _ = resolve_scenario(scenario, prof)
     work = EpisodeWorkload(sc)
     prev = set_threads(sc.engine.threads)
     live = LiveBackend(sc, work, profile=profile_path if sc.backend.drift == "probe" else None)

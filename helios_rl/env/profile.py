@@ -219,6 +219,28 @@ class SimProfile:
         except (KeyError, TypeError) as exc:
             raise ProfileError(f"{path}: malformed simulator profile: {exc}") from None
 
+    def reference_step(self, model: str, batch: int) -> float:
+        """Seconds of ``model``'s full-depth decode step at ``batch``: the relative SLOs' and arrival rates' unit.
+
+        Measured at calibration (``meta["reference_steps"]``, the median of speed-probe steps taken before,
+        between and after the models' calibrations), not read off the step-time fit, so what a scenario poses
+        does not move with the fit's error at one point. A profile timed as ``modeled`` has no machine to
+        measure: its (modeled) fit answers. Otherwise a batch calibration did not measure is an error."""
+        ref = self.meta.get("reference_steps") or {}
+        if ref.get("model") == model and str(int(batch)) in ref.get("s", {}):
+            return float(ref["s"][str(int(batch))])
+        if self.timing == "modeled":
+            return self.models[model].step_time(batch)
+        have = sorted(int(b) for b in ref.get("s", {})) if ref.get("model") == model else []
+        raise ProfileError(f"profile of {self.scenario!r} has no measured full-depth step of {model} at batch {batch} "
+                           f"(measured: {have or 'none'}); re-calibrate it for this scenario")
+
+    def reference_record(self, model: str, batches) -> dict:
+        """What :meth:`reference_step` answered, as results record it beside the resolved SLO."""
+        measured = (self.meta.get("reference_steps") or {}).get("model") == model and self.timing != "modeled"
+        return {"model": model, "source": "measured" if measured else f"step-time fit (timing: {self.timing})",
+                "step_s": {str(b): round(self.reference_step(model, b), 6) for b in batches}}
+
     def check(self, scenario, where: str = "profile") -> None:
         """Raise :class:`ProfileError` unless this profile was measured on this engine and these models."""
         from helios_rl.env.backend import config_hash
@@ -246,6 +268,13 @@ class SimProfile:
             if key in self.settings and self.settings[key] != getattr(scenario.engine, key):
                 raise ProfileError(f"{where}: measured with engine.{key} {self.settings[key]!r}; the scenario has "
                                    f"{getattr(scenario.engine, key)!r}")
+        from helios_rl.scenario import reference_batches, step_reference_model
+
+        for b in reference_batches(scenario):  # relative SLOs and rates are resolved from measured steps
+            try:
+                self.reference_step(step_reference_model(scenario), b)
+            except ProfileError as exc:
+                raise ProfileError(f"{where}: {exc}") from None
 
 
 # the slo keys a calibration reads (a perplexity floor decides whether served text is scored against the
@@ -259,18 +288,32 @@ def _calibrated_slo(key: str, value):
     return "scored" if key == "max_reference_ppl" and value is not None else value
 
 
+def resolve_scenario(scenario, prof: SimProfile):
+    """``scenario`` with its relative SLOs and arrival rates in seconds and requests/s on the machine ``prof``
+    calibrated (multiples of its measured reference steps), and the record of those steps (None when the
+    scenario has no relative term)."""
+    from helios_rl.scenario import reference_batches, resolve_slo, step_reference_model
+
+    batches = reference_batches(scenario)
+    ref = prof.reference_record(step_reference_model(scenario), batches) if batches else None
+    return resolve_slo(scenario, prof.reference_step), ref
+
+
 def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path:
     """Where ``helios-rl calibrate`` keeps the profile of ``scenario`` when no ``--out`` is given: the
     cache, keyed by the scenario's name and a hash of its file's content (or its dict form) without comments
     and without the SLO's latency and agreement targets: those do not enter a calibration (relative ones are
     resolved from the profile when an environment is built), so a scenario whose SLO is re-chosen keeps its
     profile; whether served text is scored for a perplexity floor, and by which reference model, does enter it
-    and stays in the key (the floor's value does not: re-choosing it keeps the profile)."""
+    and stays in the key (the floor's value does not: re-choosing it keeps the profile), and so do the batches
+    a relative SLO or arrival rate names (calibration measures the reference step at each)."""
     import hashlib
 
     import yaml
 
     from helios_rl.utils.paths import cache_dir
+
+    from helios_rl.scenario import reference_batches
 
     src = Path(scenario.path) if scenario.path and scenario.path != "<dict>" else None
     if src is not None and src.exists():
@@ -287,6 +330,8 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
         slo = scenario.slo
         kept = [_calibrated_slo(k, getattr(slo, k)) for k in _SLO_CALIBRATED]
         text = repr(replace(scenario, slo=None)).encode() + repr(kept).encode()
+    # the batches whose reference step calibration measures (relative SLOs' batches enter, their multiples not)
+    text += repr(reference_batches(scenario)).encode()
     if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
         text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]

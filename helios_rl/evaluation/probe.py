@@ -30,13 +30,15 @@ PROBE_TEXT = ("The history of the printing press begins in the fifteenth century
 
 
 class SpeedProbe:
-    """Times the SLO reference model's full-depth decode step at batch :data:`PROBE_BATCH` (module docstring).
+    """Times the SLO reference model's full-depth decode step at batch :data:`PROBE_BATCH` (module docstring),
+    or at another ``batch``: calibration measures the reference step at every batch a scenario's relative SLOs
+    and arrival rates name (:data:`SimProfile.meta` ``["reference_steps"]``), sharing one loaded ``model``.
 
     The probe keeps its own engine and requests; a request's context grows by one token per probe step and
     the batch is re-prefilled (untimed) every ``cycle`` steps, so the timed step always sees the same
     context lengths, at calibration and in a live run."""
 
-    def __init__(self, scenario, timer, cycle: int = 16) -> None:
+    def __init__(self, scenario, timer, cycle: int = 16, batch: int = PROBE_BATCH, model=None) -> None:
         from helios_rl.engine.config import ServingConfig
         from helios_rl.engine.engine import Engine
         from helios_rl.evaluation.runtime import ModelLoader, VirtualClock
@@ -45,12 +47,16 @@ class SpeedProbe:
         if timer.mode == "modeled":
             raise ValueError("a speed probe measures the machine; timing: modeled has no machine speed to correct")
         sc = scenario
-        self.model_name, self.timer, self.cycle = step_reference_model(sc), timer, int(cycle)
-        self.model = ModelLoader(sc.engine.device, sc.engine.dtype, "shared")(self.model_name, None)
+        self.model_name, self.timer, self.cycle, self.batch = step_reference_model(sc), timer, int(cycle), int(batch)
+        if self.batch < 1:
+            raise ValueError(f"a speed probe needs a batch of at least 1, got {batch!r}")
+        self._owns_model = model is None  # a probe at another batch may share the loaded model
+        self.model = ModelLoader(sc.engine.device, sc.engine.dtype, "shared")(self.model_name, None) \
+            if model is None else model
         settings = replace(sc.engine.settings(sc.exits.measure, sc.exits.default_threshold), memory_budget_bytes=None,
-                           max_batch=PROBE_BATCH)
+                           max_batch=self.batch)
         self.engine = Engine(self.model, settings, loader=None, clock=VirtualClock(0.0))
-        self.engine.apply(ServingConfig(max_batch=PROBE_BATCH, threshold=1.0, exit_layers=()))
+        self.engine.apply(ServingConfig(max_batch=self.batch, threshold=1.0, exit_layers=()))
         self._ids: list[str] = []
 
     def _refill(self) -> None:
@@ -59,11 +65,11 @@ class SpeedProbe:
         for i in self._ids:
             self.engine.release(i)
         params = SamplingParams(max_new_tokens=self.cycle + 1, ignore_eos=True)
-        self._ids = [self.engine.add_request(PROBE_TEXT, params) for _ in range(PROBE_BATCH)]
+        self._ids = [self.engine.add_request(PROBE_TEXT, params) for _ in range(self.batch)]
         self.engine.step()  # the prefill: not timed
 
     def step(self) -> float:
-        """Seconds (the scenario's timing) of one decode step at batch 8."""
+        """Seconds (the scenario's timing) of one decode step at the probe's batch."""
         if not self.engine.has_unfinished():
             self._refill()
         t0 = self.timer.start()
@@ -80,4 +86,5 @@ class SpeedProbe:
             self.engine.release(i)
         self._ids = []
         self.engine.pool = None
-        self.model.unload()
+        if self._owns_model:
+            self.model.unload()

@@ -392,6 +392,24 @@ def test_the_profile_key_holds_the_reference_batches_not_the_multiples(tiny_scen
     assert a != key("slo: {ttft_s: 0.05, tpot_s: {x_step: 3, batch: 8}, objective: throughput}")
 
 
+def test_a_relative_scenario_and_its_resolution_share_one_cached_profile(relative_setup, monkeypatch):
+    """The environment resolves the scenario from its cached profile and simulates on that same profile (the
+    scenario as resolved keys the cache as the scenario as written does): one calibration, not two."""
+    import helios_rl.env.profile as profile_mod
+    from helios_rl.env.profile import SimProfile, default_profile_path, resolve_scenario
+    from helios_rl.scenario import Scenario
+
+    path, prof = relative_setup
+    declared = Scenario.from_yaml(path)
+    resolved, _ = resolve_scenario(declared, SimProfile.load(prof))
+    assert not resolved.slo.relative and default_profile_path(resolved) == default_profile_path(declared)
+    calls = []
+    monkeypatch.setattr(profile_mod, "ensure_profile", lambda sc, say=None, **kw: calls.append(sc.name) or prof)
+    env = HeliosServingEnv(str(path), backend="sim", profile="auto")
+    assert calls == [declared.name] and env.kwargs["profile"] == str(prof)
+    env.close()
+
+
 def test_drift_probe_scales_every_cost_by_calibrated_over_measured(drift_setup, monkeypatch):
     path, prof = drift_setup
     env = HeliosServingEnv(str(path), backend="live", profile=str(prof))

@@ -436,3 +436,34 @@ def test_a_failed_switch_keeps_serving_and_the_controller_hears_why(text_dirs):
         done = c.completions.create(model="tiny-a", prompt="w5 w6", max_tokens=4, extra_body={"ignore_eos": True})
         assert done.usage.completion_tokens == 4
         assert rt.loop.state.model == "tiny-a"
+
+
+def test_a_scenario_with_relative_slos_is_served_against_them_in_seconds(tiny_scenario, tiny_profile, tmp_path,
+                                                                          monkeypatch):
+    """``helios-rl serve SCENARIO`` resolves ``x_step`` SLOs from the scenario's calibrated profile before any
+    controller sees them (unresolved they are NaN: no batch would meet them)."""
+    import helios_rl.env.profile as profile_mod
+    from helios_rl.controllers import ControllerContext
+    from helios_rl.env.profile import SimProfile
+    from helios_rl.scenario import Scenario, step_reference_model
+    from helios_rl.server.runtime import runtime_from_scenario
+
+    text = tiny_scenario.read_text()
+    old = "slo: {ttft_s: 0.05, tpot_s: 0.01, objective: throughput}"
+    assert old in text
+    path = tmp_path / "rel.yaml"
+    path.write_text(text.replace(old, "slo: {ttft_s: 0.05, tpot_s: {x_step: 3, batch: 4}, objective: throughput}"))
+    monkeypatch.setattr(profile_mod, "ensure_profile", lambda sc, say=None, **kw: tiny_profile)
+    seen = []
+
+    def capture(cls, sc, profiles):
+        seen.append(sc.slo)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(ControllerContext, "for_scenario", classmethod(capture))
+    said = []
+    with pytest.raises(RuntimeError, match="captured"):
+        runtime_from_scenario(str(path), controller="static", profiles="facts", say=said.append)
+    model = step_reference_model(Scenario.from_yaml(path))
+    assert seen[0].tpot_s == pytest.approx(3 * SimProfile.load(tiny_profile).models[model].step_time(4))
+    assert any("SLO resolved on this machine" in m for m in said)

@@ -116,7 +116,9 @@ class HeliosServingEnv(gym.Env):
             if profile in (None, "auto"):  # the scenario's cached profile, calibrated on the live engine once
                 from helios_rl.env.profile import ensure_profile
 
-                profile = str(ensure_profile(sc, say=lambda m: print(m, file=sys.stderr, flush=True)))
+                # the profile its relative SLOs were resolved from, where they were (the same cached file)
+                profile = str(ppath) if ppath is not None else \
+                    str(ensure_profile(sc, say=lambda m: print(m, file=sys.stderr, flush=True)))
                 self.kwargs["profile"] = profile
             prof = SimProfile.load(profile)
             prof.check(sc, str(profile))

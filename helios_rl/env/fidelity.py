@@ -90,7 +90,7 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     prof = SimProfile.load(profile_path)
     prof.check(scenario, str(profile_path))
     # relative SLOs (x_step) in seconds on this machine, from the profile, as the environment resolves them
-    sc, _ = resolve_scenario(scenario, prof)
+    sc, reference = resolve_scenario(scenario, prof)
     work = EpisodeWorkload(sc)
     prev = set_threads(sc.engine.threads)
     live = LiveBackend(sc, work, profile=profile_path if sc.backend.drift == "probe" else None)
@@ -98,7 +98,8 @@ def fidelity(scenario, profile_path: str, controllers: tuple[str, ...] = ("stati
     interval = sc.backend.interval_s
     profiles = ensure_repository(sc, live.loader, live.timer, say)
     ctx = ControllerContext.for_scenario(sc, profiles)
-    out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval, "slo": asdict(sc.slo), "controllers": {}}
+    out: dict = {"scenario": sc.name, "seed": seed, "interval_s": interval, "slo": {**asdict(sc.slo), "reference": reference},
+                 "controllers": {}}
     try:
         for name in controllers:
             ctrl = make_controller(name, ctx, sc.params(name))

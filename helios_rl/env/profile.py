@@ -320,6 +320,10 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
         data = yaml.safe_load(src.read_text(encoding="utf-8"))
         if isinstance(data, dict) and isinstance(data.get("slo"), dict):
             kept = {k: _calibrated_slo(k, v) for k, v in data["slo"].items() if k in _SLO_CALIBRATED}
+            # a relative SLO's batch (where calibration measures the reference step), not its multiple: read
+            # from the file, so the scenario as written and as resolved share one key
+            kept.update({k: {"batch": v.get("batch", 1)} for k, v in data["slo"].items()
+                         if k in ("ttft_s", "tpot_s") and isinstance(v, dict)})
             data["slo"] = kept
             if not kept:
                 del data["slo"]
@@ -330,8 +334,8 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
         slo = scenario.slo
         kept = [_calibrated_slo(k, getattr(slo, k)) for k in _SLO_CALIBRATED]
         text = repr(replace(scenario, slo=None)).encode() + repr(kept).encode()
-    # the batches whose reference step calibration measures (relative SLOs' batches enter, their multiples not)
-    text += repr(reference_batches(scenario)).encode()
+        # the batches whose reference step calibration measures (relative SLOs' batches enter, their multiples not)
+        text += repr(reference_batches(scenario)).encode()
     if calibrate_kwargs:  # a profile calibrated another way (fewer tokens per point, ...) is another profile
         text += json.dumps(calibrate_kwargs, sort_keys=True, default=str).encode()
     key = hashlib.sha256(text).hexdigest()[:12]

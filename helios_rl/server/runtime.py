@@ -214,6 +214,14 @@ def runtime_from_scenario(path: str, controller: str = "helios", shadow: str | N
     from helios_rl.utils.device import parse_dtype, resolve_device
 
     sc = Scenario.from_yaml(path)
+    if sc.slo.relative:  # SLOs relative to the machine: in seconds here, from the scenario's calibrated profile
+        # (measured once and cached, as the environment resolves them); unresolved they read as NaN, and every
+        # SLO-aware controller would find no batch meeting them
+        from helios_rl.env.profile import SimProfile, ensure_profile, resolve_scenario
+
+        sc, ref = resolve_scenario(sc, SimProfile.load(ensure_profile(sc, say=say)))
+        say(f"SLO resolved on this machine: TTFT {sc.slo.ttft_s:.3f} s, TPOT {sc.slo.tpot_s:.3f} s "
+            f"({ref['source']} full-depth step of {ref['model']}: {ref['step_s']} s by batch)")
     set_threads(sc.engine.threads)
     elem = torch.tensor([], dtype=parse_dtype(sc.engine.dtype, resolve_device(sc.engine.device))).element_size()
     facts = {m: checkpoint_facts(m, elem) for m in sc.models}

@@ -313,8 +313,6 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
 
     from helios_rl.utils.paths import cache_dir
 
-    from helios_rl.scenario import reference_batches
-
     src = Path(scenario.path) if scenario.path and scenario.path != "<dict>" else None
     if src is not None and src.exists():
         data = yaml.safe_load(src.read_text(encoding="utf-8"))
@@ -330,6 +328,8 @@ def default_profile_path(scenario, calibrate_kwargs: dict | None = None) -> Path
         text = json.dumps(data, sort_keys=True, default=str).encode()
     else:
         from dataclasses import replace
+
+        from helios_rl.scenario import reference_batches
 
         slo = scenario.slo
         kept = [_calibrated_slo(k, getattr(slo, k)) for k in _SLO_CALIBRATED]

@@ -1,7 +1,8 @@
 """Decode step time with and without the measured linear plan (``helios_rl.models.kernels``), on the CPU.
 
 For each model and batch: full-depth decode steps (exits off, after an untimed prefill of real news
-prompts), plain ``F.linear`` everywhere (``HELIOS_RL_LINEAR_PLAN=off``) against the machine's plan,
+prompts), plain ``F.linear`` everywhere (``HELIOS_RL_LINEAR_PLAN=off``; or with ``--baseline no-onednn`` the
+plan without oneDNN's kernel) against the machine's plan,
 alternating within one process, ``--rounds`` rounds of ``--steps`` timed steps each (median). Also
 whether both produced the same greedy tokens (the orientations sum in another order).
 
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baseline", choices=["off", "no-onednn"], default="off",
+                    help="HELIOS_RL_LINEAR_PLAN of the A side: plain F.linear, or the plan without oneDNN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -45,7 +48,7 @@ def main() -> None:
         kernels._plan_for.cache_clear()
 
     use("auto")
-    active = {k: sorted(v) for k, v in kernels.plan().items()}
+    active = {k: {m: sorted(r) for m, r in v.items()} for k, v in kernels.plan().items()}
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from engine import real_prompts  # benchmarks/engine.py: news passages of 24-96 tokens
 
@@ -54,7 +57,7 @@ def main() -> None:
     out = {"machine": machine_info(),
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip(),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan_rows": active, "plan_file": str(kernels.plan_path()),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan_rows": active, "baseline": args.baseline, "plan_file": str(kernels.plan_path()),
            "models": {}}
     for name in args.models:
         model = load_model(name)
@@ -67,7 +70,7 @@ def main() -> None:
             tokens = {}
             for r in range(args.rounds):
                 for mode in (("off", "auto") if r % 2 == 0 else ("auto", "off")):
-                    use(mode)
+                    use(args.baseline if mode == "off" else mode)
                     ids = [eng.add_request(p, SamplingParams(max_new_tokens=args.steps + 2, ignore_eos=True))
                            for p in prompts[:b]]
                     eng.step()  # prefill: not timed

@@ -101,39 +101,75 @@ def test_fused_projections_keep_the_layer_output(tiny_dirs, family):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
 
 
-def _force_plan(monkeypatch, rows):
-    """Make the linear plan take (W @ x.T).T at ``rows`` and make F.linear unavailable to the kernels
-    module, so a product that should take the other orientation fails loudly if it does not."""
+def _force_plan(monkeypatch, rows, method="transposed"):
+    """Make the linear plan take ``method`` at ``rows`` and make F.linear (and the other kernel) unavailable
+    to the kernels module, so a product that should take the planned kernel fails loudly if it does not."""
     from types import SimpleNamespace
 
     from helios_rl.models import kernels
 
-    monkeypatch.setattr(kernels, "plan", lambda: {"narrow": frozenset(rows), "wide": frozenset(rows)})
+    other = {"transposed": "onednn", "onednn": "transposed"}[method]
+    monkeypatch.setattr(kernels, "plan", lambda: {k: {method: frozenset(rows), other: frozenset()}
+                                                  for k in ("narrow", "wide")})
 
     def no_linear(*a, **k):
-        raise AssertionError("F.linear called for a row count the plan transposes")
+        raise AssertionError("F.linear called for a row count the plan gives another kernel")
 
     monkeypatch.setattr(kernels, "F", SimpleNamespace(linear=no_linear))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("method", ["transposed", "onednn"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 40])
 @pytest.mark.parametrize("out_features", [48, 5000])
-def test_planned_linear_takes_the_planned_orientation_and_equals_linear(monkeypatch, rows, out_features):
+def test_planned_linear_takes_the_planned_kernel_and_equals_linear(monkeypatch, rows, out_features, method):
     from helios_rl.models import kernels
 
+    if method == "onednn" and not kernels._onednn_available():
+        pytest.fail("this torch build has no oneDNN linear: the plan cannot choose it here, but CI's CPU build has it")
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(out_features, 32, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(rows, 32, generator=g)
     x3 = torch.randn(1, rows, 32, generator=g)  # a [1, N, K] batch of packed rows
     want = [torch.nn.functional.linear(x, w), torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(x3, w)]
-    _force_plan(monkeypatch, {rows})
+    _force_plan(monkeypatch, {rows}, method)
     got = [kernels.planned_linear(x, w), kernels.planned_linear(x, w, b), kernels.planned_linear(x3, w)]
     for a, e in zip(got, want):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
-    _force_plan(monkeypatch, {rows + 1})  # another row count planned: this one must call F.linear
+    _force_plan(monkeypatch, {rows + 1}, method)  # another row count planned: this one must call F.linear
     with pytest.raises(AssertionError, match="F.linear called"):
         kernels.planned_linear(x, w)
+
+
+def test_onednn_is_used_for_float32_only(monkeypatch):
+    """oneDNN's linear is planned on float32 probes: a float64 product at a planned row count is F.linear's."""
+    from helios_rl.models import kernels
+
+    _force_plan(monkeypatch, {4}, "onednn")
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="F.linear called"):
+        kernels.planned_linear(x, w)
+
+
+def test_measure_plan_chooses_the_fastest_kernel_beyond_the_margin(monkeypatch):
+    from helios_rl.models import kernels
+
+    fake = {1: {"linear": 1.0, "transposed": 0.95, "onednn": 0.5},  # oneDNN clearly faster
+            4: {"linear": 1.0, "transposed": 0.5, "onednn": 0.6},  # transposed fastest
+            8: {"linear": 1.0, "transposed": 0.95, "onednn": 0.92}}  # within the margin: F.linear stays
+
+    def timed(x, w, reps, onednn):
+        m = x.shape[0]
+        return fake[1 if m < 3 else 4 if m < 6 else 8]
+
+    monkeypatch.setattr(kernels, "_time_methods", timed)
+    monkeypatch.setattr(kernels, "NARROW_ROWS", (1, 4, 8))
+    monkeypatch.setattr(kernels, "WIDE_ROWS", (1, 4, 8))
+    monkeypatch.setattr(kernels, "MAX_ROWS", 10)
+    monkeypatch.setattr(kernels, "PROBE_SHAPES", {"narrow": (8, 4), "wide": (16, 4)})
+    out = kernels.measure_plan()
+    for kind in ("narrow", "wide"):  # rows between timed counts take the nearer one's choice (ties: the lower)
+        assert out["kinds"][kind]["rows"] == {"onednn": [1, 2], "transposed": [3, 4, 5, 6]}
 
 
 def test_linear_plan_is_measured_once_per_machine_cached_and_remeasured_when_corrupt(monkeypatch, tmp_path):
@@ -145,23 +181,41 @@ def test_linear_plan_is_measured_once_per_machine_cached_and_remeasured_when_cor
 
     def fake_measure(say=lambda s: None):
         calls.append(1)
+        # row 4: oneDNN fastest, the transposed product also beats F.linear by the margin; row 5: only oneDNN does
+        timed = {str(m): {"linear": 1.0, "transposed": 1.0, "onednn": 1.0} for m in (1, 2, 3, 6, 7, 8)}
+        timed |= {"4": {"linear": 1.0, "transposed": 0.8, "onednn": 0.5},
+                  "5": {"linear": 1.0, "transposed": 0.95, "onednn": 0.5}}
         return {"format": kernels.PLAN_FORMAT, "machine": kernels._machine_key(),
-                "kinds": {"narrow": {"transposed_rows": [9, 10]}, "wide": {"transposed_rows": [3]}}}
+                "kinds": {"narrow": {"rows": {"transposed": [9, 10], "onednn": [4, 5]}, "timed_ms": timed},
+                          "wide": {"rows": {"transposed": [3], "onednn": []}, "timed_ms": timed}}}
 
     monkeypatch.setattr(kernels, "measure_plan", fake_measure)
     kernels._plan_for.cache_clear()
+    assert kernels._onednn_available(), "CI's CPU torch build has oneDNN"
     try:
-        assert kernels.plan() == {"narrow": frozenset({9, 10}), "wide": frozenset({3})}
+        assert kernels.plan() == {"narrow": {"transposed": frozenset({9, 10}), "onednn": frozenset({4, 5})},
+                                  "wide": {"transposed": frozenset({3}), "onednn": frozenset()}}
+        monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "no-onednn")  # chosen again from the timings, without it
+        kernels._plan_for.cache_clear()
+        assert kernels.plan()["narrow"] == {"transposed": frozenset({4}), "onednn": frozenset()}
+        monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "auto")
+        kernels._plan_for.cache_clear()
         assert len(calls) == 1 and kernels.plan_path().exists()
         kernels._plan_for.cache_clear()  # a new process: reads the file, measures nothing
-        assert kernels.plan()["narrow"] == frozenset({9, 10}) and len(calls) == 1
+        assert kernels.plan()["narrow"]["transposed"] == frozenset({9, 10}) and len(calls) == 1
         kernels.plan_path().write_text("{not json")
         kernels._plan_for.cache_clear()
-        assert kernels.plan()["wide"] == frozenset({3}) and len(calls) == 2  # corrupt: measured again
+        assert kernels.plan()["wide"]["transposed"] == frozenset({3}) and len(calls) == 2  # corrupt: measured again
         assert json.loads(kernels.plan_path().read_text())["format"] == kernels.PLAN_FORMAT
+        old = json.loads(kernels.plan_path().read_text())
+        old["format"] = "helios_rl.linear_plan/1"  # an earlier format: measured again, not misread
+        kernels.plan_path().write_text(json.dumps(old))
+        kernels._plan_for.cache_clear()
+        assert kernels.plan()["narrow"]["transposed"] == frozenset({9, 10}) and len(calls) == 3
         monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "off")
         kernels._plan_for.cache_clear()
-        assert kernels.plan() == {"narrow": frozenset(), "wide": frozenset()} and len(calls) == 2
+        assert kernels.plan() == {k: {"transposed": frozenset(), "onednn": frozenset()} for k in ("narrow", "wide")}
+        assert len(calls) == 3
     finally:
         kernels._plan_for.cache_clear()
 

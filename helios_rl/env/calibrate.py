@@ -123,13 +123,13 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
 
     sc = scenario
     prev = set_threads(sc.engine.threads)
-    # the CPU's matmul orientation per row count (models.kernels): read, or measured once per machine, now,
+    # the CPU's matmul kernel per row count (models.kernels): read, or measured once per machine, now,
     # not inside a timed load; recorded with the profile
     linear_plan = None
     if resolve_device(sc.engine.device).type == "cpu":
         from helios_rl.models.kernels import plan
 
-        linear_plan = {k: sorted(v) for k, v in plan().items()}
+        linear_plan = {k: {m: sorted(r) for m, r in v.items()} for k, v in plan().items()}
     timer = Timer(timing or sc.backend.timing)
     loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
     texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]
@@ -178,7 +178,7 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
             "accuracy_prompts": {t: sum(1 for _, x in acc_items if x == t) for t in sorted({x for _, x in acc_items})},
             "calibration_tokens_min": min((v["tokens"] for m in models.values() for v in m.exits.values()),
                                           default=0)}
-    if linear_plan is not None:  # the row counts taking (W @ x.T).T
+    if linear_plan is not None:  # the row counts taking each kernel other than F.linear
         meta["linear_plan"] = linear_plan
     if samples:  # medians over the calibration; the spread says whether the machine held still meanwhile
         meta["speed_probe"] = {"model": step_reference_model(sc), "batch": PROBE_BATCH,

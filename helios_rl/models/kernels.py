@@ -1,11 +1,12 @@
-"""A matmul orientation chosen per row count, measured on this machine, for every linear of a CPU model.
+"""A matmul kernel chosen per row count, measured on this machine, for every linear of a CPU model.
 
 On the CPU, MKL's ``F.linear(x, W)`` has a row-count cliff: with 4-15 rows it is up to 2.7x slower than
 with 16 (Gemma3-270M's 262k-row LM head, one thread, 2026-12-03: 10 rows 347 ms, 16 rows 184 ms; a
-2048x640 MLP projection: 1.14 ms vs 1.02 ms), and the same product computed as ``(W @ x.T).T`` costs
-about what one weight read does at any row count up to 16 (LM head 141-206 ms, MLP 0.71 ms). Which
-orientation wins where depends on the host: the previous host (2026-12-02) had ``(W @ x.T).T`` 4x
-faster at 2-3 rows, this one has it 2.7x *slower* there. So the choice is measured, once per machine,
+2048x640 MLP projection: 1.14 ms vs 1.02 ms). Two other kernels compute the same product: ``(W @ x.T).T``
+(about one weight read at any row count up to 16 on one host, 2.7x slower than MKL at 2-3 rows on
+another) and oneDNN's fp32 linear on the plain weight (``torch.ops.mkldnn._linear_pointwise``; on the
+262k-row head at 4-12 rows 95-125 ms against MKL's 120-315 and the transposed product's 127-154, no
+copy of the weight). Which wins where depends on the host, so the choice is measured, once per machine,
 torch version and thread count (:func:`plan`), cached on disk beside the other caches and shared by
 every process (a file lock; written atomically), so that every engine on the machine, a benchmark's
 workers and its repeats alike, computes the same products the same way.
@@ -13,10 +14,13 @@ workers and its repeats alike, computes the same products the same way.
 :func:`planned_linear` is ``F.linear`` with that choice; :func:`plan_linears` makes a module's
 ``nn.Linear`` layers use it (``LayeredModel`` does so for every loaded CPU layer, the LM head and the
 exit heads call it directly). CUDA always uses ``F.linear``. ``HELIOS_RL_LINEAR_PLAN=off`` turns the
-plan off (plain ``F.linear`` everywhere: the A/B baseline of ``benchmarks/kernels.py``).
+plan off (plain ``F.linear`` everywhere: the A/B baseline of ``benchmarks/kernels.py``);
+``HELIOS_RL_LINEAR_PLAN=no-onednn`` chooses from the same timings without oneDNN (the previous plan).
 
-The orientations compute the same sums in another order, so logits differ in the last bits; greedy
-choices can differ only at exact near-ties, as they already do between batch sizes.
+The kernels compute the same sums in another order, so logits differ in the last bits; greedy
+choices can differ only at exact near-ties, as they already do between batch sizes. oneDNN's prepacked
+weight format was faster still (the head at 4-16 rows: 69-101 ms) but is a second copy of the weight;
+it is not used, so resident bytes stay what the memory budget counts.
 """
 
 from __future__ import annotations
@@ -34,14 +38,29 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-PLAN_FORMAT = "helios_rl.linear_plan/1"
+PLAN_FORMAT = "helios_rl.linear_plan/2"
 WIDE = 4096  # output features from which a product is timed as a "wide" one (LM head, exit vocabulary)
-MAX_ROWS = 24  # row counts above this always use F.linear: the cliff is at 4-15 rows; from 32 rows the two
-# orientations measured within noise of each other in whole decode steps (Gemma3 at 32 and 48 rows: 0.95x, 0.94x)
-MARGIN = 0.9  # the other orientation is taken only where it is at least 10 % faster (stable under noise)
+MAX_ROWS = 64  # row counts above this always use F.linear: the cliff is at 4-15 rows; oneDNN was still
+# 1.25x faster than MKL at 64 rows on a 262k-row head (2026-12-03), equal from ~128 rows (prefill chunks)
+MARGIN = 0.9  # another kernel is taken only where it is at least 10 % faster than F.linear (stable under noise)
 #: the shapes the plan is timed on: a decoder-layer projection and a vocabulary-sized head
 PROBE_SHAPES = {"narrow": (2048, 640), "wide": (49152, 576)}
-WIDE_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24)  # timed rows of the wide probe
+NARROW_ROWS = tuple(range(1, 25)) + (32, 48, 64)  # timed rows of the narrow probe
+WIDE_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)  # timed rows of the wide probe
+#: the kernels a plan chooses between besides F.linear: ``(W @ x.T).T`` and oneDNN's fp32 linear on the
+#: plain weight (``torch.ops.mkldnn._linear_pointwise``; no packed copy, so no memory beyond the weight)
+METHODS = ("transposed", "onednn")
+
+
+def _onednn_available() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 def _machine_key() -> str:
@@ -62,43 +81,60 @@ def _machine_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _time_pair(x: torch.Tensor, w: torch.Tensor, reps: int) -> tuple[float, float]:
-    """Median seconds of ``F.linear(x, w)`` and ``(w @ x.T).T``, interleaved (drift hits both alike)."""
-    a, b = [], []
-    F.linear(x, w)
-    (w @ x.T).T
+def _time_methods(x: torch.Tensor, w: torch.Tensor, reps: int, onednn: bool) -> dict[str, float]:
+    """Median seconds of ``F.linear(x, w)``, ``(w @ x.T).T`` and (where available) oneDNN's linear,
+    interleaved (drift hits all alike)."""
+    fns = {"linear": lambda: F.linear(x, w),
+           # the next op (a reshape, a residual add) reads the transposed product in row order: timed with it
+           "transposed": lambda: (w @ x.T).T.contiguous()}
+    if onednn:
+        fns["onednn"] = lambda: _onednn_linear(x, w)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
     for _ in range(reps):
-        t = time.perf_counter()
-        F.linear(x, w)
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        (w @ x.T).T.contiguous()  # the next op (a reshape, a residual add) reads it in row order: timed with it
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _choose(timed: dict[int, dict[str, float]], allowed) -> dict[str, list[int]]:
+    """For each row count 1..``MAX_ROWS``, the fastest ``allowed`` kernel where it beats ``F.linear`` by
+    ``MARGIN`` (rows between two timed counts take the nearer one's timings; ties, the lower one's)."""
+    chosen: dict[str, list[int]] = {k: [] for k in METHODS}
+    for m in range(1, MAX_ROWS + 1):
+        t = timed[min(timed, key=lambda r: (abs(r - m), r))]
+        others = [k for k in t if k != "linear" and k in allowed]
+        if not others:
+            continue
+        best = min(others, key=t.__getitem__)
+        if t[best] < MARGIN * t["linear"]:
+            chosen[best].append(m)
+    return chosen
 
 
 def measure_plan(say=lambda s: None) -> dict:
-    """Time both orientations at every row count 1..``MAX_ROWS`` (narrow probe) and at ``WIDE_ROWS`` (wide
-    probe; rows between two timed counts take the nearer one's choice). About 8 s on this project's CPU."""
+    """Time every kernel at ``NARROW_ROWS`` (narrow probe) and ``WIDE_ROWS`` (wide probe) and choose, for each
+    row count 1..``MAX_ROWS``, the fastest where it beats ``F.linear`` by ``MARGIN`` (rows between two timed
+    counts take the nearer one's choice). About 15 s on this project's CPU."""
     gen = torch.Generator().manual_seed(0)
+    onednn = _onednn_available()
     out: dict = {"format": PLAN_FORMAT, "machine": _machine_key(), "torch": torch.__version__,
-                 "threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": {}}
+                 "threads": torch.get_num_threads(), "onednn": onednn,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": {}}
     for kind, (o, i) in PROBE_SHAPES.items():
         w = torch.randn(o, i, generator=gen)
-        rows = range(1, MAX_ROWS + 1) if kind == "narrow" else WIDE_ROWS
-        timed = {}
-        for m in rows:
-            a, b = _time_pair(torch.randn(m, i, generator=gen), w, 9 if kind == "narrow" else 5)
-            timed[m] = (a, b)
-        flip = []
-        for m in range(1, MAX_ROWS + 1):
-            near = min(timed, key=lambda r: (abs(r - m), r))
-            a, b = timed[near]
-            if b < MARGIN * a:
-                flip.append(m)
-        out["kinds"][kind] = {"shape": [o, i], "transposed_rows": flip,
-                              "timed_ms": {str(m): [round(a * 1e3, 4), round(b * 1e3, 4)] for m, (a, b) in timed.items()}}
-        say(f"linear plan ({kind} {o}x{i}): (W @ x.T).T at rows {_ranges(flip) or 'none'}")
+        rows = NARROW_ROWS if kind == "narrow" else WIDE_ROWS
+        timed = {m: _time_methods(torch.randn(m, i, generator=gen), w, 9 if kind == "narrow" else 5, onednn)
+                 for m in rows}
+        chosen = _choose(timed, METHODS)
+        out["kinds"][kind] = {"shape": [o, i], "rows": chosen,
+                              "timed_ms": {str(m): {k: round(v * 1e3, 4) for k, v in t.items()}
+                                           for m, t in timed.items()}}
+        say(f"linear plan ({kind} {o}x{i}): " + "; ".join(f"{k} at rows {_ranges(r) or 'none'}"
+                                                          for k, r in chosen.items()))
     return out
 
 
@@ -118,14 +154,17 @@ def plan_path() -> Path:
 
     folder = cache_dir() / "kernels"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"linear-plan-{_machine_key()}.json"
+    # the format in the name: two versions of the package on one machine keep one plan each, not overwriting
+    return folder / f"linear-plan-v{PLAN_FORMAT.rsplit('/', 1)[1]}-{_machine_key()}.json"
 
 
 @lru_cache(maxsize=None)
-def _plan_for(threads: int) -> dict[str, frozenset[int]]:
-    """``{"narrow": rows, "wide": rows}`` taking ``(W @ x.T).T`` (measured once per machine, cached)."""
-    if os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower() in ("off", "0", "false", "no"):
-        return {"narrow": frozenset(), "wide": frozenset()}
+def _plan_for(threads: int) -> dict[str, dict[str, frozenset[int]]]:
+    """``{"narrow": {method: rows}, "wide": {method: rows}}`` for the kernels other than ``F.linear``
+    (measured once per machine, cached)."""
+    mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
+    if mode in ("off", "0", "false", "no"):
+        return {k: {m: frozenset() for m in METHODS} for k in PROBE_SHAPES}
     from filelock import FileLock
 
     from helios_rl.utils.io import atomic_write_json
@@ -143,21 +182,32 @@ def _plan_for(threads: int) -> dict[str, frozenset[int]]:
         if data is None:
             data = measure_plan()
             atomic_write_json(path, data)
-    return {k: frozenset(int(m) for m in v["transposed_rows"]) for k, v in data["kinds"].items()}
+    out = {}
+    for k, v in data["kinds"].items():
+        rows = v["rows"]
+        if mode == "no-onednn" or not _onednn_available():  # chosen again from the timings without oneDNN
+            rows = _choose({int(m): t for m, t in v["timed_ms"].items()}, ("transposed",))
+        out[k] = {m: frozenset(int(r) for r in rows.get(m, ())) for m in METHODS}
+    return out
 
 
-def plan() -> dict[str, frozenset[int]]:
+def plan() -> dict[str, dict[str, frozenset[int]]]:
     """This machine's plan at the current torch thread count (see module docstring)."""
     return _plan_for(torch.get_num_threads())
 
 
 def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x`` ``[..., K]``, in the orientation this machine's plan
-    measured faster for its row count (CPU only)."""
+    """``F.linear(x, weight, bias)`` for ``x`` ``[..., K]``, by the kernel this machine's plan measured
+    fastest for its row count (CPU only; oneDNN for float32 only)."""
     if x.device.type != "cpu" or x.dim() == 0 or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or rows not in plan()["wide" if weight.shape[0] >= WIDE else "narrow"]:
+    if rows > MAX_ROWS:
+        return F.linear(x, weight, bias)
+    kind = plan()["wide" if weight.shape[0] >= WIDE else "narrow"]
+    if rows in kind["onednn"] and x.dtype == torch.float32:
+        return _onednn_linear(x, weight, bias)
+    if rows not in kind["transposed"]:
         return F.linear(x, weight, bias)
     out = (weight @ x.reshape(rows, x.shape[-1]).T).T
     if bias is not None:

@@ -130,9 +130,12 @@ def test_planned_linear_takes_the_planned_kernel_and_equals_linear(monkeypatch, 
     w, b = torch.randn(out_features, 32, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(rows, 32, generator=g)
     x3 = torch.randn(1, rows, 32, generator=g)  # a [1, N, K] batch of packed rows
-    want = [torch.nn.functional.linear(x, w), torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(x3, w)]
+    xs = torch.randn(rows, 64, generator=g)[:, ::2]  # a strided view
+    want = [torch.nn.functional.linear(x, w), torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(x3, w),
+            torch.nn.functional.linear(xs, w, b)]
     _force_plan(monkeypatch, {rows}, method)
-    got = [kernels.planned_linear(x, w), kernels.planned_linear(x, w, b), kernels.planned_linear(x3, w)]
+    got = [kernels.planned_linear(x, w), kernels.planned_linear(x, w, b), kernels.planned_linear(x3, w),
+           kernels.planned_linear(xs, w, b)]
     for a, e in zip(got, want):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
@@ -141,14 +144,41 @@ def test_planned_linear_takes_the_planned_kernel_and_equals_linear(monkeypatch, 
         kernels.planned_linear(x, w)
 
 
-def test_onednn_is_used_for_float32_only(monkeypatch):
-    """oneDNN's linear is planned on float32 probes: a float64 product at a planned row count is F.linear's."""
+def test_onednn_is_used_for_float32_and_a_dense_weight_only(monkeypatch):
+    """oneDNN's linear is planned on float32 probes and reads the weight's own strides: a float64 product, or a
+    strided weight view, at a planned row count is F.linear's."""
     from helios_rl.models import kernels
 
     _force_plan(monkeypatch, {4}, "onednn")
     x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
     with pytest.raises(AssertionError, match="F.linear called"):
         kernels.planned_linear(x, w)
+    with pytest.raises(AssertionError, match="F.linear called"):
+        kernels.planned_linear(torch.randn(4, 8), torch.randn(8, 6).T)
+
+
+def test_products_that_need_gradients_never_take_onednn(monkeypatch):
+    """oneDNN's op has no backward: exit-head training (the distillation loss runs head_linear on inputs that
+    require grad) must get F.linear's gradients at every planned row count."""
+    from helios_rl.models import kernels
+
+    def no_onednn(*a, **k):
+        raise AssertionError("oneDNN called for a product that needs gradients")
+
+    monkeypatch.setattr(kernels, "plan", lambda: {k: {"onednn": frozenset({4}), "transposed": frozenset()}
+                                                  for k in ("narrow", "wide")})
+    monkeypatch.setattr(kernels, "_onednn_linear", no_onednn)
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    for needs in ("x", "w"):
+        x, w = x0.clone().requires_grad_(needs == "x"), w0.clone().requires_grad_(needs == "w")
+        kernels.planned_linear(x, w).square().sum().backward()
+        xr, wr = x0.clone().requires_grad_(needs == "x"), w0.clone().requires_grad_(needs == "w")
+        torch.nn.functional.linear(xr, wr).square().sum().backward()
+        got, want = (x.grad, xr.grad) if needs == "x" else (w.grad, wr.grad)
+        torch.testing.assert_close(got, want)
+    with torch.no_grad(), pytest.raises(AssertionError, match="oneDNN called"):  # no gradients: planned kernel
+        kernels.planned_linear(x0.clone().requires_grad_(), w0)
 
 
 def test_measure_plan_chooses_the_fastest_kernel_beyond_the_margin(monkeypatch):
@@ -199,6 +229,16 @@ def test_linear_plan_is_measured_once_per_machine_cached_and_remeasured_when_cor
         kernels._plan_for.cache_clear()
         assert kernels.plan()["narrow"] == {"transposed": frozenset({4}), "onednn": frozenset()}
         monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "auto")
+        real = kernels._onednn_available
+        monkeypatch.setattr(kernels, "_onednn_available", lambda: False)  # read where this torch has no oneDNN
+        kernels._plan_for.cache_clear()
+        assert kernels.plan()["narrow"] == {"transposed": frozenset({4}), "onednn": frozenset()}
+        monkeypatch.setattr(kernels, "_onednn_available", real)
+        monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "no_onednn")  # a misspelt mode is refused, not read as auto
+        kernels._plan_for.cache_clear()
+        with pytest.raises(ValueError, match="HELIOS_RL_LINEAR_PLAN='no_onednn'"):
+            kernels.plan()
+        monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "auto")
         kernels._plan_for.cache_clear()
         assert len(calls) == 1 and kernels.plan_path().exists()
         kernels._plan_for.cache_clear()  # a new process: reads the file, measures nothing
@@ -207,15 +247,18 @@ def test_linear_plan_is_measured_once_per_machine_cached_and_remeasured_when_cor
         kernels._plan_for.cache_clear()
         assert kernels.plan()["wide"]["transposed"] == frozenset({3}) and len(calls) == 2  # corrupt: measured again
         assert json.loads(kernels.plan_path().read_text())["format"] == kernels.PLAN_FORMAT
+        kernels.plan_path().write_text(json.dumps({"format": kernels.PLAN_FORMAT, "machine": kernels._machine_key()}))
+        kernels._plan_for.cache_clear()  # the right header without a plan: measured again, not a KeyError
+        assert kernels.plan()["wide"]["transposed"] == frozenset({3}) and len(calls) == 3
         old = json.loads(kernels.plan_path().read_text())
         old["format"] = "helios_rl.linear_plan/1"  # an earlier format: measured again, not misread
         kernels.plan_path().write_text(json.dumps(old))
         kernels._plan_for.cache_clear()
-        assert kernels.plan()["narrow"]["transposed"] == frozenset({9, 10}) and len(calls) == 3
+        assert kernels.plan()["narrow"]["transposed"] == frozenset({9, 10}) and len(calls) == 4
         monkeypatch.setenv("HELIOS_RL_LINEAR_PLAN", "off")
         kernels._plan_for.cache_clear()
         assert kernels.plan() == {k: {"transposed": frozenset(), "onednn": frozenset()} for k in ("narrow", "wide")}
-        assert len(calls) == 3
+        assert len(calls) == 4
     finally:
         kernels._plan_for.cache_clear()
 

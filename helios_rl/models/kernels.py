@@ -15,7 +15,7 @@ workers and its repeats alike, computes the same products the same way.
 ``nn.Linear`` layers use it (``LayeredModel`` does so for every loaded CPU layer, the LM head and the
 exit heads call it directly). CUDA always uses ``F.linear``. ``HELIOS_RL_LINEAR_PLAN=off`` turns the
 plan off (plain ``F.linear`` everywhere: the A/B baseline of ``benchmarks/kernels.py``);
-``HELIOS_RL_LINEAR_PLAN=no-onednn`` chooses from the same timings without oneDNN (the previous plan).
+``HELIOS_RL_LINEAR_PLAN=no-onednn`` chooses from the same timings without oneDNN; another value is an error.
 
 The kernels compute the same sums in another order, so logits differ in the last bits; greedy
 choices can differ only at exact near-ties, as they already do between batch sizes. oneDNN's prepacked
@@ -50,6 +50,8 @@ WIDE_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)  # timed rows
 #: the kernels a plan chooses between besides F.linear: ``(W @ x.T).T`` and oneDNN's fp32 linear on the
 #: plain weight (``torch.ops.mkldnn._linear_pointwise``; no packed copy, so no memory beyond the weight)
 METHODS = ("transposed", "onednn")
+#: values of ``HELIOS_RL_LINEAR_PLAN``: the measured plan, plain ``F.linear``, the plan chosen without oneDNN
+PLAN_MODES = ("auto", "off", "0", "false", "no", "no-onednn")
 
 
 def _onednn_available() -> bool:
@@ -163,6 +165,8 @@ def _plan_for(threads: int) -> dict[str, dict[str, frozenset[int]]]:
     """``{"narrow": {method: rows}, "wide": {method: rows}}`` for the kernels other than ``F.linear``
     (measured once per machine, cached)."""
     mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
+    if mode not in PLAN_MODES:
+        raise ValueError(f"HELIOS_RL_LINEAR_PLAN={mode!r}: expected one of {', '.join(PLAN_MODES)}")
     if mode in ("off", "0", "false", "no"):
         return {k: {m: frozenset() for m in METHODS} for k in PROBE_SHAPES}
     from filelock import FileLock
@@ -171,22 +175,29 @@ def _plan_for(threads: int) -> dict[str, dict[str, frozenset[int]]]:
 
     path = plan_path()
     with FileLock(str(path) + ".lock"):
-        data = None
+        parsed = None
         if path.exists():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                if data.get("format") != PLAN_FORMAT or data.get("machine") != _machine_key():
-                    data = None
-            except (OSError, ValueError, AttributeError):
-                data = None  # a corrupt cache is measured again, not trusted
-        if data is None:
+                if data.get("format") == PLAN_FORMAT and data.get("machine") == _machine_key():
+                    parsed = _parse_plan(data, mode)
+            except (OSError, ValueError, AttributeError, KeyError, TypeError):
+                parsed = None  # a corrupt cache is measured again, not trusted
+        if parsed is None:
             data = measure_plan()
             atomic_write_json(path, data)
+            parsed = _parse_plan(data, mode)
+    return parsed
+
+
+def _parse_plan(data: dict, mode: str) -> dict[str, dict[str, frozenset[int]]]:
     out = {}
-    for k, v in data["kinds"].items():
+    for k in PROBE_SHAPES:
+        v = data["kinds"][k]
         rows = v["rows"]
         if mode == "no-onednn" or not _onednn_available():  # chosen again from the timings without oneDNN
-            rows = _choose({int(m): t for m, t in v["timed_ms"].items()}, ("transposed",))
+            rows = _choose({int(m): {a: float(b) for a, b in t.items()} for m, t in v["timed_ms"].items()},
+                           ("transposed",))
         out[k] = {m: frozenset(int(r) for r in rows.get(m, ())) for m in METHODS}
     return out
 
@@ -198,14 +209,18 @@ def plan() -> dict[str, dict[str, frozenset[int]]]:
 
 def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x`` ``[..., K]``, by the kernel this machine's plan measured
-    fastest for its row count (CPU only; oneDNN for float32 only)."""
+    fastest for its row count (CPU only; oneDNN for a dense float32 weight and no gradients only)."""
     if x.device.type != "cpu" or x.dim() == 0 or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     if rows > MAX_ROWS:
         return F.linear(x, weight, bias)
     kind = plan()["wide" if weight.shape[0] >= WIDE else "narrow"]
-    if rows in kind["onednn"] and x.dtype == torch.float32:
+    if rows in kind["onednn"] and x.dtype == torch.float32 and weight.is_contiguous() and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        # oneDNN's op has no backward (a product that needs gradients, e.g. exit-head training, takes the
+        # others) and reads the weight's own strides (a dense weight only)
         return _onednn_linear(x, weight, bias)
     if rows not in kind["transposed"]:
         return F.linear(x, weight, bias)

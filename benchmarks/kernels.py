@@ -48,7 +48,7 @@ def main() -> None:
         kernels._plan_for.cache_clear()
 
     use("auto")
-    active = {k: {m: sorted(r) for m, r in v.items()} for k, v in kernels.plan().items()}
+    active = kernels.plan_rows()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from engine import real_prompts  # benchmarks/engine.py: news passages of 24-96 tokens
 
@@ -57,8 +57,8 @@ def main() -> None:
     out = {"machine": machine_info(),
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip(),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan_rows": active, "baseline": args.baseline, "plan_file": str(kernels.plan_path()),
-           "models": {}}
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "plan_rows": active, "baseline": args.baseline,
+           "plan_file": str(kernels.plan_path()), "models": {}}
     for name in args.models:
         model = load_model(name)
         prompts = real_prompts(model.tokenizer, max(args.batches))

@@ -127,9 +127,9 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
     # not inside a timed load; recorded with the profile
     linear_plan = None
     if resolve_device(sc.engine.device).type == "cpu":
-        from helios_rl.models.kernels import plan
+        from helios_rl.models.kernels import plan_rows
 
-        linear_plan = {k: {m: sorted(r) for m, r in v.items()} for k, v in plan().items()}
+        linear_plan = plan_rows()
     timer = Timer(timing or sc.backend.timing)
     loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
     texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]

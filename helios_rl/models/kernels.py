@@ -51,7 +51,8 @@ WIDE_ROWS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)  # timed rows
 #: plain weight (``torch.ops.mkldnn._linear_pointwise``; no packed copy, so no memory beyond the weight)
 METHODS = ("transposed", "onednn")
 #: values of ``HELIOS_RL_LINEAR_PLAN``: the measured plan, plain ``F.linear``, the plan chosen without oneDNN
-PLAN_MODES = ("auto", "off", "0", "false", "no", "no-onednn")
+OFF_MODES = ("off", "0", "false", "no")
+PLAN_MODES = ("auto", "no-onednn", *OFF_MODES)
 
 
 def _onednn_available() -> bool:
@@ -167,7 +168,7 @@ def _plan_for(threads: int) -> dict[str, dict[str, frozenset[int]]]:
     mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
     if mode not in PLAN_MODES:
         raise ValueError(f"HELIOS_RL_LINEAR_PLAN={mode!r}: expected one of {', '.join(PLAN_MODES)}")
-    if mode in ("off", "0", "false", "no"):
+    if mode in OFF_MODES:
         return {k: {m: frozenset() for m in METHODS} for k in PROBE_SHAPES}
     from filelock import FileLock
 
@@ -205,6 +206,11 @@ def _parse_plan(data: dict, mode: str) -> dict[str, dict[str, frozenset[int]]]:
 def plan() -> dict[str, dict[str, frozenset[int]]]:
     """This machine's plan at the current torch thread count (see module docstring)."""
     return _plan_for(torch.get_num_threads())
+
+
+def plan_rows() -> dict[str, dict[str, list[int]]]:
+    """:func:`plan` as JSON (sorted row lists), as profiles and benchmarks record it."""
+    return {k: {m: sorted(r) for m, r in v.items()} for k, v in plan().items()}
 
 
 def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import helios_rl.env  # noqa: F401
 from helios_rl.engine.config import ServingConfig
 from helios_rl.env.env import HeliosServingEnv
+from helios_rl.evaluation.replay import format_prompt
 
 
 def run_policy(env, choose, seed: int = 0, steps: int = 400):
@@ -111,7 +112,6 @@ def test_live_scores_served_tokens_against_the_full_models_own_continuation(prob
     # independently: the full model's own continuation of one served prompt, compared position by position
     spec = env.backend.specs[scores[0].request_id]
     lm = ModelLoader("cpu", None, "shared")(m, None)
-    from helios_rl.evaluation.replay import format_prompt
 
     eng = Engine(lm, EngineSettings(max_batch=1, max_model_len=128))
     (ref,) = eng.generate([format_prompt(spec)], SamplingParams(max_new_tokens=spec.max_new_tokens, ignore_eos=True))
@@ -141,6 +141,65 @@ def test_live_backend_refuses_to_run_without_scoring_or_a_profile(probe_scenario
     sc = Scenario.from_yaml(probe_scenario)
     with pytest.raises(ValueError, match="needs to score what it serves"):
         LiveBackend(sc, EpisodeWorkload(sc), score=False)
+
+
+def _episode(env, cfg, seed: int = 1) -> list[dict]:
+    env.reset(seed=seed)
+    infos = []
+    for _ in range(400):
+        _, _, term, trunc, info = env.step_config(cfg)
+        infos.append(info)
+        if term or trunc:
+            break
+    return infos
+
+
+def test_agreement_only_scoring_serves_the_same_signals_and_leaves_the_secondary_figures_unmeasured(probe_scenario,
+                                                                                                    probe_profile):
+    """score="agreement" (compare, benchmark): the same per-interval agreement and goodput as the full scorer, the
+    teacher-forced agreement and reference perplexity None (not a default), and the figures measured named."""
+    runs = {}
+    for score in ("all", "agreement"):
+        env = HeliosServingEnv(str(probe_scenario), backend="live", profile=str(probe_profile), score=score)
+        cfg = ServingConfig(model=env.models[0], depth=2)
+        runs[score] = _episode(env, cfg)
+        env.close()
+    full, lean = ([i for i in runs[k] if i["agreement"] is not None] for k in ("all", "agreement"))
+    assert full and [i["agreement"] for i in full] == [i["agreement"] for i in lean]
+    assert [i["goodput_tokens"] for i in runs["all"]] == [i["goodput_tokens"] for i in runs["agreement"]]
+    assert all(i["scored"]["teacher_forced_agreement"] is not None and i["scored"]["reference_ppl"] is not None
+               and i["scored"]["measured"] == ["agreement", "teacher_forced_agreement", "reference_ppl"] for i in full)
+    assert all(i["scored"]["teacher_forced_agreement"] is None and i["scored"]["reference_ppl"] is None
+               and i["scored"]["measured"] == ["agreement"] for i in lean)
+    with pytest.raises(ValueError, match="score must be one of"):
+        HeliosServingEnv(str(probe_scenario), backend="live", profile=str(probe_profile), score="some")
+
+
+def test_references_of_an_episode_are_computed_at_once_and_equal_each_prompts_own_greedy_continuation(
+        probe_scenario, probe_profile):
+    """The scorer expects the episode's requests: the first finished request makes it compute every request's
+    reference continuation in one batched pass; each equals that prompt's own full-depth greedy continuation
+    (float64 tiny models: batching changes nothing), and a shorter segment reads its prefix."""
+    from helios_rl.engine import Engine, EngineSettings, SamplingParams
+    from helios_rl.evaluation.runtime import ModelLoader
+
+    env = HeliosServingEnv(str(probe_scenario), backend="live", profile=str(probe_profile), score="agreement")
+    m = env.models[0]
+    infos = _episode(env, ServingConfig(model=m, depth=2), seed=3)
+    first = next(k for k, i in enumerate(infos) if i["agreement"] is not None)
+    acc, specs = env.backend.scorer.acc, list(env.backend.pending)
+    refs = dict(acc.refs)
+    env.close()
+    assert len(specs) >= 4 and len(refs) == len({format_prompt(s) for s in specs}), "one per prompt, computed once"
+    assert sum(i["scored"]["requests"] for i in infos[: first + 1]) < len(specs), "computed before most finished"
+    lm = ModelLoader("cpu", None, "shared")(m, None)
+    for spec in specs[:4]:
+        eng = Engine(lm, EngineSettings(max_batch=1, max_model_len=256))
+        (own,) = eng.generate([format_prompt(spec)], SamplingParams(max_new_tokens=spec.max_new_tokens,
+                                                                   ignore_eos=True))
+        ctx = lm.tokenizer(format_prompt(spec), add_special_tokens=True)["input_ids"]
+        assert acc.reference(m, ctx, spec.max_new_tokens) == list(own.output_ids)
+        assert acc.reference(m, ctx, 2) == list(own.output_ids)[:2]
 
 
 def test_sim_draws_agreement_per_task_so_a_task_mix_shift_changes_the_prediction(probe_profile, probe_scenario):

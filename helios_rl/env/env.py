@@ -60,6 +60,10 @@ class HeliosServingEnv(gym.Env):
         noise, randomize: simulator noise and domain randomisation (relative scale of the step-time model).
         clock, timing: live backend's clock (virtual / wall) and cost timing (cpu / wall / modeled).
         record: a folder; each finished episode is written there as JSONL (see :mod:`.recording`).
+        score: what the live backend measures on each finished request (:data:`helios_rl.env.live.SCORES`):
+            "all" (default: free-running agreement, teacher-forced agreement, reference perplexity) or
+            "agreement" (what goodput and the reward read: the free-running agreement, and the reference
+            perplexity where the SLO has a floor on it; the rest is None in ``info["scored"]``).
     """
 
     metadata = {"render_modes": []}
@@ -68,7 +72,8 @@ class HeliosServingEnv(gym.Env):
                  interval_s: float | None = None, horizon: int | None = None, objective: str | None = None,
                  reward_weights: dict | None = None, thresholds: tuple[float, ...] | None = None,
                  depth_buckets: int = 4, action_mode: str = "multi", noise: bool = True, randomize: float = 0.0,
-                 clock: str | None = None, timing: str | None = None, record: str | None = None) -> None:
+                 clock: str | None = None, timing: str | None = None, record: str | None = None,
+                 score: str | None = None) -> None:
         from helios_rl.scenario import Scenario, load_scenario
 
         self.kwargs = {k: v for k, v in dict(backend=backend, profile=profile, interval_s=interval_s, horizon=horizon,
@@ -76,7 +81,7 @@ class HeliosServingEnv(gym.Env):
                                              thresholds=None if thresholds is None else list(thresholds),
                                              depth_buckets=depth_buckets,
                                              action_mode=action_mode, noise=noise, randomize=randomize, clock=clock,
-                                             timing=timing).items() if v is not None}
+                                             timing=timing, score=score).items() if v is not None}
         self.scenario = load_scenario(scenario)
         ppath = None
         self.slo_reference = None  # the measured reference steps relative SLOs were resolved from (results record it)
@@ -128,7 +133,8 @@ class HeliosServingEnv(gym.Env):
 
             self.backend = LiveBackend(sc, self.workload, clock=clock or sc.backend.clock,
                                        timing=timing or sc.backend.timing,
-                                       profile=str(ppath) if drift else (None if profile == "auto" else profile))
+                                       profile=str(ppath) if drift else (None if profile == "auto" else profile),
+                                       score=score or "all")
         self.models = tuple(sc.models)
         self.L = {m: self.backend.num_layers[m] for m in self.models}
         self.cap = sc.engine.max_batch

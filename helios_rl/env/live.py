@@ -11,9 +11,12 @@ probe step every few seconds (:mod:`helios_rl.evaluation.probe`; the factors are
 
 Every request that finishes is scored on what it was served (:mod:`helios_rl.evaluation.scorer`:
 free-running agreement with the serving model's own full-depth output, teacher-forced agreement,
-reference-model perplexity), outside the episode's clock and the memory budget; an interval's
-``agreement`` is that measurement, and the simulator profile's prediction, where one is loaded, is
-kept beside it in ``Interval.extra``.
+reference-model perplexity; ``score="agreement"`` measures only what goodput and the reward read), outside
+the episode's clock and the memory budget; an interval's ``agreement`` is that measurement, and the simulator
+profile's prediction, where one is loaded, is kept beside it in ``Interval.extra``. The references (the full
+models' own continuations) of an episode's requests are computed together, batched, the first time a model's
+are needed (:meth:`ServedScorer.expect`), and kept for the backend's life: every method served on the same
+workload seed is scored against the same references.
 """
 
 from __future__ import annotations
@@ -63,11 +66,17 @@ class WallClock:
         self.t0 += seconds
 
 
+# what the live backend measures on every finished request: "all" (free-running agreement, teacher-forced
+# agreement, reference perplexity), "agreement" (the free-running agreement, and the reference perplexity only
+# where the SLO has a floor on it: what goodput and the reward read), "none" (the profile's prediction)
+SCORES = {True: "all", "all": "all", "agreement": "agreement", False: "none", "none": "none"}
+
+
 class LiveBackend:
-    """The real engine under control (see module docstring)."""
+    """The real engine under control (see module docstring). ``score``: see :data:`SCORES`."""
 
     def __init__(self, scenario, workload, clock: str = "virtual", timing: str | None = None, profile=None,
-                 score: bool = True) -> None:
+                 score: bool | str = True) -> None:
         if clock not in ("virtual", "wall"):
             raise ValueError(f"clock must be 'virtual' or 'wall', got {clock!r}")
         sc = self.scenario = scenario
@@ -92,16 +101,21 @@ class LiveBackend:
         self._adm: dict[str, list[int]] = {}  # model -> admissible batch per depth (the engine's rule)
         for m in self.models:  # now, not mid-episode: without a profile this loads each model once at depth 1
             self.admissible(m, 1)
-        self.score = score
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {sorted(SCORES, key=str)}, got {score!r}")
+        self.score = SCORES[score]
         self.scorer = None
-        if not score and profile is None:
+        if self.score == "none" and profile is None:
             raise ValueError("the live backend needs to score what it serves (score=True) or a simulator profile "
                              "to predict agreement: an interval without an accuracy value cannot be rewarded")
-        if score:
+        if self.score != "none":
             from helios_rl.evaluation.scorer import ServedScorer
 
+            # "agreement": the secondary figures only where a reward or SLO reads them (the perplexity floor)
             self.scorer = ServedScorer(ModelLoader(sc.engine.device, sc.engine.dtype, "shared"),
-                                       sc.engine.max_model_len + 64, sc.reference_model())
+                                       sc.engine.max_model_len + 64, sc.reference_model(),
+                                       teacher_forced=self.score == "all",
+                                       reference_ppl=self.score == "all" or sc.slo.max_reference_ppl is not None)
         self.probe = self.drift = None
         if sc.backend.drift == "probe":
             self._start_probe()
@@ -192,6 +206,8 @@ class LiveBackend:
         self.seed = seed
         self.pending = sorted(self.workload.requests(seed), key=lambda r: r.arrival_s)
         self.specs = {r.request_id: r for r in self.pending}
+        if self.scorer is not None:
+            self.scorer.expect([(format_prompt(r), r.max_new_tokens) for r in self.pending])
         self.segments: dict[str, list] = {}
         self.scores: list = []  # every request scored this episode
         self.i = 0
@@ -301,8 +317,9 @@ class LiveBackend:
         else:
             agreement, source = predicted, "predicted"
             good_tokens = met_tokens if predicted is not None and predicted >= slo.agreement_floor else 0
+        scored = totals.to_dict() | ({"measured": self.scorer.measures} if self.scorer is not None else {})
         extra = {"agreement_source": source if agreement is not None else "none (no request finished)",
-                 "predicted_agreement": predicted, "scored": totals.to_dict()}
+                 "predicted_agreement": predicted, "scored": scored}
         return Interval(snap, met, missed, agreement, busy, failure, slo_met_tokens=met_tokens,
                         good_tokens=good_tokens, extra=extra)
 

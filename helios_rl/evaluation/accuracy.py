@@ -114,7 +114,8 @@ class AccuracyScorer:
         self.batch = batch
         self.models: dict[str, LayeredModel] = {}
         self.cache: dict[tuple, tuple[int, float]] = {}
-        self.refs: dict[tuple, list[int]] = {}
+        self.refs: dict[tuple, list[int]] = {}  # (model, context) -> the longest continuation computed
+        self._asked: dict[tuple, int] = {}  # (model, context) -> the length it was asked for
         self._vocab: dict[str, dict] = {}
 
     def model(self, name: str) -> LayeredModel:
@@ -156,25 +157,34 @@ class AccuracyScorer:
             since = since + seg.ids
         return out
 
+    def reference(self, model: str, ctx: list[int], n: int) -> list[int]:
+        """The first ``n`` tokens of the full model's greedy continuation of ``ctx`` (computed by
+        :meth:`_references`)."""
+        return self.refs[(model, tuple(ctx))][:n]
+
     def _references(self, jobs: list[tuple[str, list[int], list[int]]]) -> None:
-        """Full-depth greedy continuations for every job not cached yet (batched per model)."""
+        """Full-depth greedy continuations for every job not cached yet (batched per model, in the jobs' order).
+
+        One continuation is kept per (model, context), the longest asked for; a job that needs fewer tokens
+        reads its prefix (greedy decoding: the first ``n`` tokens do not depend on how many follow)."""
         from helios_rl.engine.config import EngineSettings
         from helios_rl.engine.engine import Engine
         from helios_rl.engine.request import SamplingParams
 
         todo: dict[str, dict[tuple, int]] = {}
         for model, ctx, ids in jobs:
-            key = (model, tuple(ctx), len(ids))
-            if key not in self.refs:
-                todo.setdefault(model, {})[key] = len(ids)
+            key = (model, tuple(ctx))
+            if self._asked.get(key, -1) < len(ids):  # (a continuation may stop short at max_model_len)
+                want = todo.setdefault(model, {})
+                want[key] = max(want.get(key, 0), len(ids))
         for model, keys in todo.items():
             lm = self.model(model)
             eng = Engine(lm, EngineSettings(max_batch=self.batch, max_model_len=self.max_len))
-            items = list(keys)
-            reqs = eng.generate([list(k[1]) for k in items],
-                                [SamplingParams(max_new_tokens=k[2], ignore_eos=True) for k in items])
-            for k, r in zip(items, reqs):
-                self.refs[k] = list(r.output_ids)
+            items = list(keys.items())
+            reqs = eng.generate([list(k[1]) for k, _ in items],
+                                [SamplingParams(max_new_tokens=n, ignore_eos=True) for _, n in items])
+            for (k, n), r in zip(items, reqs):
+                self.refs[k], self._asked[k] = list(r.output_ids), n
             del eng
 
     def score_requests(self, requests: list[tuple[str | list[int], list[Segment]]]) -> Accuracy:
@@ -187,7 +197,7 @@ class AccuracyScorer:
             if key not in self.cache:
                 self.cache[key] = score_continuation(self.model(model), ctx, ids)
             a, l = self.cache[key]
-            ref = self.refs[(model, tuple(ctx), len(ids))]
+            ref = self.reference(model, ctx, len(ids))
             acc += Accuracy(a, l, len(ids), sum(1 for x, y in zip(ids, ref) if x == y))
         return acc
 

@@ -13,8 +13,11 @@ to another model):
   candidates with different tokenizers: a cheaper candidate is a real trade, not a free win.
 
 The scorer holds its own full-depth copies of the models (outside the engine's memory budget and
-the episode's clock), batches the reference continuations, caches what repeats (continuations per
-context, scores per token sequence) and says what it cost (process CPU seconds per scored token).
+the episode's clock), batches the reference continuations (all of an episode's at once where it was told
+which requests to expect), caches what repeats (continuations per context, scores per token sequence) and
+says what it cost (process CPU seconds per scored token). The teacher-forced agreement and the reference
+perplexity are optional (each is a full-depth pass over every distinct served output); one not measured
+is ``None``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class RequestScore:
     agree: int = 0  # teacher-forced: equal to the full model's argmax on the same prefix
     ref_nll: float = 0.0
     ref_tokens: int = 0
+    tf_tokens: int = 0  # tokens scored teacher-forced (0 where the scorer does not measure it)
 
     @property
     def agreement(self) -> float | None:
@@ -60,6 +64,7 @@ class ScoreTotals:
     agree: int = 0
     ref_nll: float = 0.0
     ref_tokens: int = 0
+    tf_tokens: int = 0
     requests: int = 0
     by_task: dict = field(default_factory=dict)
 
@@ -67,6 +72,7 @@ class ScoreTotals:
         self.tokens += s.tokens
         self.match += s.match
         self.agree += s.agree
+        self.tf_tokens += s.tf_tokens
         self.ref_nll += s.ref_nll
         self.ref_tokens += s.ref_tokens
         self.requests += 1
@@ -81,7 +87,8 @@ class ScoreTotals:
 
     @property
     def teacher_forced(self) -> float | None:
-        return self.agree / self.tokens if self.tokens else None
+        """Teacher-forced agreement (None: nothing scored, or a scorer that does not measure it)."""
+        return self.agree / self.tf_tokens if self.tf_tokens else None
 
     @property
     def reference_ppl(self) -> float | None:
@@ -109,35 +116,69 @@ def quality_ok(score: RequestScore | None, slo) -> bool:
 
 
 class ServedScorer:
-    """See the module docstring. ``loader(name, depth)`` loads a model (full depth when ``depth`` None)."""
+    """See the module docstring. ``loader(name, depth)`` loads a model (full depth when ``depth`` None).
 
-    def __init__(self, loader, max_model_len: int, reference_model: str | None = None, batch: int = 16) -> None:
+    The free-running agreement is always measured. ``teacher_forced`` and ``reference_ppl`` choose whether the
+    secondary figures are: each costs a full-depth pass over every distinct served output (the live backend
+    leaves them out where nothing reads them, see :class:`~helios_rl.env.live.LiveBackend`); a figure not
+    measured is ``None``, never a default."""
+
+    def __init__(self, loader, max_model_len: int, reference_model: str | None = None, batch: int = 16,
+                 teacher_forced: bool = True, reference_ppl: bool = True) -> None:
         self.acc = AccuracyScorer(loader, max_model_len, batch)
-        self.reference = reference_model
+        self.reference = reference_model if reference_ppl else None
+        self.teacher_forced = teacher_forced
         self.max_len = max_model_len
         self.cpu_s = 0.0
         self.wall_s = 0.0
         self.tokens = 0
         self.requests = 0
         self._ref_cache: dict[tuple, tuple[float, int]] = {}
+        self._expected: list[tuple[str | list[int], int]] = []  # (prompt, new tokens) of the requests to come
+        self._expected_done: set[str] = set()  # models whose references for them were computed
+
+    @property
+    def measures(self) -> list[str]:
+        """The figures this scorer measures."""
+        return ["agreement"] + ["teacher_forced_agreement"] * self.teacher_forced \
+            + ["reference_ppl"] * (self.reference is not None)
+
+    def expect(self, requests: list[tuple[str | list[int], int]]) -> None:
+        """The ``(prompt, max new tokens)`` of the requests about to be served (an episode's workload): the first
+        time a model's reference continuation is needed, every expected request's is computed at once, in this
+        order and batched (rather than a handful at a time as requests finish), so each reference is computed
+        the same way whichever method served first."""
+        self._expected, self._expected_done = list(requests), set()
+
+    def _expected_jobs(self, models: set[str]) -> list[tuple[str, list[int], list[int]]]:
+        jobs = []
+        for model in sorted(models - self._expected_done):
+            self._expected_done.add(model)
+            for prompt, n in self._expected:
+                ctx = self.acc.contexts(prompt, [Segment(model)])[0][1]
+                if n > 0 and len(ctx) + n <= self.max_len:  # (one the engine would refuse is not expected)
+                    jobs.append((model, ctx, [0] * n))  # (only the length of the third element is read)
+        return jobs
 
     def score(self, served: list[ServedRequest]) -> list[RequestScore]:
         """Score finished requests (batched: every reference continuation they need at once)."""
         cpu0, wall0 = time.process_time(), time.perf_counter()
         jobs = {r.request_id: [j for j in self.acc.contexts(r.prompt, r.segments) if j[2]] for r in served}
-        self.acc._references([j for js in jobs.values() for j in js])
+        flat = [j for js in jobs.values() for j in js]
+        self.acc._references(self._expected_jobs({m for m, _, _ in flat}) + flat)
         out = []
         for r in served:
             s = RequestScore(r.request_id, r.task)
             for model, ctx, ids in jobs[r.request_id]:
-                key = (model, tuple(ctx), tuple(ids))
-                if key not in self.acc.cache:
-                    self.acc.cache[key] = score_continuation(self.acc.model(model), ctx, ids)
-                agree, _ = self.acc.cache[key]
-                ref = self.acc.refs[(model, tuple(ctx), len(ids))]
+                ref = self.acc.reference(model, ctx, len(ids))
                 s.tokens += len(ids)
-                s.agree += agree
                 s.match += sum(1 for x, y in zip(ids, ref) if x == y)
+                if self.teacher_forced:
+                    key = (model, tuple(ctx), tuple(ids))
+                    if key not in self.acc.cache:
+                        self.acc.cache[key] = score_continuation(self.acc.model(model), ctx, ids)
+                    s.agree += self.acc.cache[key][0]
+                    s.tf_tokens += len(ids)
             if self.reference is not None and r.text:
                 s.ref_nll, s.ref_tokens = self._reference_nll(r.prompt, r.text)
             out.append(s)

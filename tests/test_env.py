@@ -146,6 +146,12 @@ def test_bad_inputs_give_clear_errors(tiny_scenario, tiny_profile, tmp_path):
     other.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="engine.max_model_len 96; the scenario has 48"):
         HeliosServingEnv(str(tiny_scenario), backend="live", profile=str(other))
+    data = json.loads(tiny_profile.read_text())  # step times measured under other CPU kernels
+    assert data["meta"]["linear_plan"], "a CPU calibration records its linear plan"
+    data["meta"]["linear_plan"]["narrow"]["transposed"] = [97, 98, 99]
+    other.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="another CPU linear-kernel plan"):
+        HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
 
 
 def test_sim_without_a_profile_calibrates_once_and_reuses_the_cached_one(tiny_scenario, tmp_path, monkeypatch):

@@ -29,7 +29,6 @@ from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_
 from helios_rl.models.layered import release_freed_memory
 from helios_rl.models.registry import resolve_model
 from helios_rl.scenario import reference_batches, step_reference_model
-from helios_rl.utils.device import resolve_device
 
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 #: The largest batch the staggered-arrival timing run grows to.
@@ -125,11 +124,9 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
     prev = set_threads(sc.engine.threads)
     # the CPU's matmul kernel per row count (models.kernels): read, or measured once per machine, now,
     # not inside a timed load; recorded with the profile
-    linear_plan = None
-    if resolve_device(sc.engine.device).type == "cpu":
-        from helios_rl.models.kernels import plan_rows
+    from helios_rl.env.profile import current_linear_plan
 
-        linear_plan = plan_rows()
+    linear_plan = current_linear_plan(sc)
     timer = Timer(timing or sc.backend.timing)
     loader = ModelLoader(sc.engine.device, sc.engine.dtype, sc.exits.heads)
     texts = [format_prompt(r) for r in EpisodeWorkload(sc).requests(0)]

@@ -268,6 +268,13 @@ class SimProfile:
             if key in self.settings and self.settings[key] != getattr(scenario.engine, key):
                 raise ProfileError(f"{where}: measured with engine.{key} {self.settings[key]!r}; the scenario has "
                                    f"{getattr(scenario.engine, key)!r}")
+        recorded = self.meta.get("linear_plan")
+        if recorded is not None:  # step times rest on the kernels the plan chose (HELIOS_RL_LINEAR_PLAN, machine)
+            here_plan = current_linear_plan(scenario)
+            if here_plan is not None and here_plan != recorded:
+                raise ProfileError(f"{where}: measured under another CPU linear-kernel plan than this process runs "
+                                   f"(HELIOS_RL_LINEAR_PLAN or the machine changed; helios_rl.models.kernels): "
+                                   f"its step times are not this engine's; re-calibrate")
         from helios_rl.scenario import reference_batches, step_reference_model
 
         for b in reference_batches(scenario):  # relative SLOs and rates are resolved from measured steps
@@ -275,6 +282,23 @@ class SimProfile:
                 self.reference_step(step_reference_model(scenario), b)
             except ProfileError as exc:
                 raise ProfileError(f"{where}: {exc}") from None
+
+
+def current_linear_plan(scenario) -> dict | None:
+    """The linear-kernel plan (:func:`helios_rl.models.kernels.plan_rows`) a CPU engine of ``scenario`` runs
+    under (at the scenario's thread count), as calibration records it; None off the CPU."""
+    from helios_rl.evaluation.runtime import set_threads
+    from helios_rl.utils.device import resolve_device
+
+    if resolve_device(scenario.engine.device).type != "cpu":
+        return None
+    from helios_rl.models.kernels import plan_rows
+
+    prev = set_threads(scenario.engine.threads)
+    try:
+        return plan_rows()
+    finally:
+        set_threads(prev)
 
 
 # the slo keys a calibration reads (a perplexity floor decides whether served text is scored against the

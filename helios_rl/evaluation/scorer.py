@@ -165,7 +165,8 @@ class ServedScorer:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         jobs = {r.request_id: [j for j in self.acc.contexts(r.prompt, r.segments) if j[2]] for r in served}
         flat = [j for js in jobs.values() for j in js]
-        self.acc._references(self._expected_jobs({m for m, _, _ in flat}) + flat)
+        self.acc._references(self._expected_jobs({m for m, _, _ in flat}))  # alone: the same batches every time
+        self.acc._references(flat)  # what was not expected (a context after a switch)
         out = []
         for r in served:
             s = RequestScore(r.request_id, r.task)

@@ -232,6 +232,21 @@ def test_every_algorithm_trains_and_deploys(algo, text, tiny_scenario, tiny_prof
     assert cfg is None or (ctx.admissible(cfg.model, cfg.depth) >= cfg.max_batch >= 1)
 
 
+def test_training_on_the_live_engine_scores_what_the_reward_reads(tiny_scenario, tiny_profile, tmp_path):
+    """Live training: real served steps, the reward's agreement measured; the secondary figures (a full-depth
+    pass per served output) are not computed (recorded in the run's env_kwargs, so a resume does the same)."""
+    from helios_rl.agents.train import train
+
+    agent = tmp_path / "a2c.yaml"
+    agent.write_text("helios_rl/Serving-Live-v0: {policy: MlpPolicy, n_timesteps: 16, n_envs: 1, n_steps: 8}\n"
+                     "helios: {eval_freq: 1000, eval_episodes: 1, checkpoint_freq: 1000}\n")
+    m = train(str(tiny_scenario), agent, seed=0, backend="live", profile=str(tiny_profile), out=tmp_path,
+              progress=False, wandb_mode="disabled")
+    saved = json.loads((Path(m["run_dir"]) / "config.json").read_text())
+    assert m["timesteps"] >= 16 and saved["env_kwargs"]["backend"] == "live"
+    assert saved["env_kwargs"]["score"] == "agreement"
+
+
 def test_bad_policies_and_agent_files_give_clear_errors(trained, tiny_scenario, tmp_path):
     import shutil
 

@@ -142,8 +142,12 @@ def train(env: str | None, agent: str | Path, seed: int = 0, backend: str = "sim
 
                 profile = str(ensure_profile(sc, say=say))
             env_kwargs["profile"] = str(Path(profile).resolve())
-        elif profile not in (None, "auto"):
-            env_kwargs["profile"] = str(Path(profile).resolve())
+        else:
+            if profile not in (None, "auto"):
+                env_kwargs["profile"] = str(Path(profile).resolve())
+            # live: the reward reads the free-running agreement (and a perplexity floor where the SLO has one);
+            # the secondary figures (a full-depth pass per served output) would only slow training
+            env_kwargs["score"] = "agreement"
     torch.manual_seed(seed)
     np.random.seed(seed)
 

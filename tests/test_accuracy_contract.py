@@ -92,13 +92,7 @@ def test_live_scores_served_tokens_against_the_full_models_own_continuation(prob
     env = HeliosServingEnv(str(probe_scenario), backend="live", timing="cpu")
     env.reset(seed=1)
     m = env._cfg["model"]
-    cfg = ServingConfig(model=m, depth=2)
-    infos = []
-    for _ in range(400):
-        _, _, term, trunc, info = env.step_config(cfg)
-        infos.append(info)
-        if term or trunc:
-            break
+    infos = _episode(env, ServingConfig(model=m, depth=2), seed=1)
     scores = list(env.backend.scores)
     segs_ok = all(s.tokens > 0 for s in scores)
     cost = env.backend.scorer.cost()

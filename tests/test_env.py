@@ -148,9 +148,17 @@ def test_bad_inputs_give_clear_errors(tiny_scenario, tiny_profile, tmp_path):
         HeliosServingEnv(str(tiny_scenario), backend="live", profile=str(other))
     data = json.loads(tiny_profile.read_text())  # step times measured under other CPU kernels
     assert data["meta"]["linear_plan"], "a CPU calibration records its linear plan"
-    data["meta"]["linear_plan"]["narrow"]["transposed"] = [97, 98, 99]
+    data["meta"]["linear_plan"]["rows"]["narrow"]["transposed"] = [97, 98, 99]  # re-measured: a record, not checked
     other.write_text(json.dumps(data))
-    with pytest.raises(ProfileError, match="another CPU linear-kernel plan"):
+    HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other)).close()
+    data["meta"]["linear_plan"]["mode"] = "no-onednn"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="HELIOS_RL_LINEAR_PLAN=no-onednn on machine"):
+        HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
+    data["meta"]["linear_plan"]["mode"] = "auto"
+    data["meta"]["linear_plan"]["machine"] = "another-cpu"
+    other.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="machine another-cpu"):
         HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(other))
 
 

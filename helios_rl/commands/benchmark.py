@@ -15,10 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "leaderboard.json and plots (IQM with stratified-bootstrap CIs over runs, performance "
                     "profiles, probability of improvement). --quick runs a reduced configuration (the suite's "
                     "steady and exit-lever scenarios, PPO and DQN, 2 training seeds x 2,048 steps, 2 test seeds, the sim "
-                    "and live backends on both, calibration on 300 tokens per point; about 35-40 minutes on a 2-core "
-                    "CPU once the models are prepared (estimated: one repeat's share of a measured --repeat 3 run); "
-                    "91-103 minutes with --repeat 3, measured 2026-12-03, over the 30-minute goal: a third of a live "
-                    "shard's time is outside served steps). A killed run resumes: "
+                    "and live backends on both, calibration on 300 tokens per point; measured 2026-12-04 on a 2-core "
+                    "CPU: 19 minutes, calibrations included, and 49 minutes with --repeat 3; on a machine half as "
+                    "fast, about twice that (estimated: loads are relative to its speed)). A killed run resumes: "
                     "run the same command again.")
     p.add_argument("suite", help="a folder of scenario YAML files (envs/suite) or one scenario file")
     p.add_argument("--out", required=True, help="benchmark folder (trials, runs, leaderboard)")

@@ -175,7 +175,7 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
             "accuracy_prompts": {t: sum(1 for _, x in acc_items if x == t) for t in sorted({x for _, x in acc_items})},
             "calibration_tokens_min": min((v["tokens"] for m in models.values() for v in m.exits.values()),
                                           default=0)}
-    if linear_plan is not None:  # the row counts taking each kernel other than F.linear
+    if linear_plan is not None:  # the mode, machine and row counts taking each kernel other than F.linear
         meta["linear_plan"] = linear_plan
     if samples:  # medians over the calibration; the spread says whether the machine held still meanwhile
         meta["speed_probe"] = {"model": step_reference_model(sc), "batch": PROBE_BATCH,

@@ -10,6 +10,7 @@ it with another engine or another model is a :class:`ProfileError`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -269,12 +270,14 @@ class SimProfile:
                 raise ProfileError(f"{where}: measured with engine.{key} {self.settings[key]!r}; the scenario has "
                                    f"{getattr(scenario.engine, key)!r}")
         recorded = self.meta.get("linear_plan")
-        if recorded is not None:  # step times rest on the kernels the plan chose (HELIOS_RL_LINEAR_PLAN, machine)
+        if isinstance(recorded, dict) and "mode" in recorded:  # step times rest on the kernels the plan chose
             here_plan = current_linear_plan(scenario)
-            if here_plan is not None and here_plan != recorded:
-                raise ProfileError(f"{where}: measured under another CPU linear-kernel plan than this process runs "
-                                   f"(HELIOS_RL_LINEAR_PLAN or the machine changed; helios_rl.models.kernels): "
-                                   f"its step times are not this engine's; re-calibrate")
+            if here_plan is not None and (here_plan["mode"], here_plan["machine"]) != (recorded["mode"],
+                                                                                       recorded.get("machine")):
+                raise ProfileError(f"{where}: measured under the CPU linear-kernel plan of HELIOS_RL_LINEAR_PLAN="
+                                   f"{recorded['mode']} on machine {recorded.get('machine')}; this process runs "
+                                   f"{here_plan['mode']} on {here_plan['machine']} (helios_rl.models.kernels): its "
+                                   f"step times are not this engine's; re-calibrate")
         from helios_rl.scenario import reference_batches, step_reference_model
 
         for b in reference_batches(scenario):  # relative SLOs and rates are resolved from measured steps
@@ -285,18 +288,22 @@ class SimProfile:
 
 
 def current_linear_plan(scenario) -> dict | None:
-    """The linear-kernel plan (:func:`helios_rl.models.kernels.plan_rows`) a CPU engine of ``scenario`` runs
-    under (at the scenario's thread count), as calibration records it; None off the CPU."""
+    """What a CPU engine of ``scenario`` multiplies with (at the scenario's thread count), as calibration records
+    it: ``{"mode": HELIOS_RL_LINEAR_PLAN's mode, "machine": the plan's machine key, "rows": the plan}``; None off
+    the CPU. A profile is checked against the mode and machine; the rows are a record (a plan measured again on
+    the same machine may differ at near-ties, which is not another engine)."""
     from helios_rl.evaluation.runtime import set_threads
     from helios_rl.utils.device import resolve_device
 
     if resolve_device(scenario.engine.device).type != "cpu":
         return None
-    from helios_rl.models.kernels import plan_rows
+    from helios_rl.models import kernels
 
     prev = set_threads(scenario.engine.threads)
     try:
-        return plan_rows()
+        mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
+        return {"mode": "off" if mode in kernels.OFF_MODES else mode, "machine": kernels._machine_key(),
+                "rows": kernels.plan_rows()}
     finally:
         set_threads(prev)
 

@@ -146,7 +146,7 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
         profile = str(ensure_profile(sc, say=say))
     # the live backend measures what goodput reads (free-running agreement; the reference perplexity where the
     # SLO floors it): the secondary figures cost a full-depth pass per served output and nothing here reads them
-    henv = HeliosServingEnv(sc, backend=backend, profile=profile, score="agreement" if backend == "live" else None)
+    henv = HeliosServingEnv(sc, backend=backend, profile=profile, score="agreement")
     slo = slo_record(henv.scenario, sc, henv.slo_reference)
     sc = henv.scenario  # relative SLOs resolved on this machine
     seed_list = [HELDOUT_SEED_BASE + k for k in range(seeds)]

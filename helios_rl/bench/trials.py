@@ -90,9 +90,9 @@ def _env(path: str, backend: str, profile: str):
     if key not in _ENVS:
         from helios_rl.env.env import HeliosServingEnv
 
-        # live: what goodput reads (free-running agreement; the perplexity where an SLO floors it), as compare
-        _ENVS[key] = HeliosServingEnv(path, backend=backend, profile=profile,
-                                      score="agreement" if backend == "live" else None)
+        # live: what goodput reads (free-running agreement; the perplexity where an SLO floors it), as compare;
+        # the simulator ignores it
+        _ENVS[key] = HeliosServingEnv(path, backend=backend, profile=profile, score="agreement")
     return _ENVS[key]
 
 

@@ -10,7 +10,6 @@ it with another engine or another model is a :class:`ProfileError`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -297,13 +296,11 @@ def current_linear_plan(scenario) -> dict | None:
 
     if resolve_device(scenario.engine.device).type != "cpu":
         return None
-    from helios_rl.models import kernels
+    from helios_rl.models.kernels import plan_record
 
     prev = set_threads(scenario.engine.threads)
     try:
-        mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
-        return {"mode": "off" if mode in kernels.OFF_MODES else mode, "machine": kernels._machine_key(),
-                "rows": kernels.plan_rows()}
+        return plan_record()
     finally:
         set_threads(prev)
 

@@ -162,6 +162,13 @@ class AccuracyScorer:
         :meth:`_references`)."""
         return self.refs[(model, tuple(ctx))][:n]
 
+    def teacher_forced(self, model: str, ctx: list[int], ids: list[int]) -> tuple[int, float]:
+        """:func:`score_continuation` of ``ids`` after ``ctx`` on the full ``model`` (cached by token ids)."""
+        key = (model, tuple(ctx), tuple(ids))
+        if key not in self.cache:
+            self.cache[key] = score_continuation(self.model(model), ctx, ids)
+        return self.cache[key]
+
     def _references(self, jobs: list[tuple[str, list[int], list[int]]]) -> None:
         """Full-depth greedy continuations for every job not cached yet (batched per model, in the jobs' order).
 
@@ -193,10 +200,7 @@ class AccuracyScorer:
         self._references(jobs)
         acc = Accuracy()
         for model, ctx, ids in jobs:
-            key = (model, tuple(ctx), tuple(ids))
-            if key not in self.cache:
-                self.cache[key] = score_continuation(self.model(model), ctx, ids)
-            a, l = self.cache[key]
+            a, l = self.teacher_forced(model, ctx, ids)
             ref = self.reference(model, ctx, len(ids))
             acc += Accuracy(a, l, len(ids), sum(1 for x, y in zip(ids, ref) if x == y))
         return acc

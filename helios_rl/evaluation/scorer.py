@@ -175,10 +175,7 @@ class ServedScorer:
                 s.tokens += len(ids)
                 s.match += sum(1 for x, y in zip(ids, ref) if x == y)
                 if self.teacher_forced:
-                    key = (model, tuple(ctx), tuple(ids))
-                    if key not in self.acc.cache:
-                        self.acc.cache[key] = score_continuation(self.acc.model(model), ctx, ids)
-                    s.agree += self.acc.cache[key][0]
+                    s.agree += self.acc.teacher_forced(model, ctx, ids)[0]
                     s.tf_tokens += len(ids)
             if self.reference is not None and r.text:
                 s.ref_nll, s.ref_tokens = self._reference_nll(r.prompt, r.text)

@@ -165,10 +165,8 @@ def plan_path() -> Path:
 def _plan_for(threads: int) -> dict[str, dict[str, frozenset[int]]]:
     """``{"narrow": {method: rows}, "wide": {method: rows}}`` for the kernels other than ``F.linear``
     (measured once per machine, cached)."""
-    mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
-    if mode not in PLAN_MODES:
-        raise ValueError(f"HELIOS_RL_LINEAR_PLAN={mode!r}: expected one of {', '.join(PLAN_MODES)}")
-    if mode in OFF_MODES:
+    mode = plan_mode()
+    if mode == "off":
         return {k: {m: frozenset() for m in METHODS} for k in PROBE_SHAPES}
     from filelock import FileLock
 
@@ -203,6 +201,14 @@ def _parse_plan(data: dict, mode: str) -> dict[str, dict[str, frozenset[int]]]:
     return out
 
 
+def plan_mode() -> str:
+    """``HELIOS_RL_LINEAR_PLAN``'s mode: ``auto``, ``no-onednn`` or ``off`` (any of :data:`OFF_MODES`)."""
+    mode = os.environ.get("HELIOS_RL_LINEAR_PLAN", "auto").lower()
+    if mode not in PLAN_MODES:
+        raise ValueError(f"HELIOS_RL_LINEAR_PLAN={mode!r}: expected one of {', '.join(PLAN_MODES)}")
+    return "off" if mode in OFF_MODES else mode
+
+
 def plan() -> dict[str, dict[str, frozenset[int]]]:
     """This machine's plan at the current torch thread count (see module docstring)."""
     return _plan_for(torch.get_num_threads())
@@ -211,6 +217,11 @@ def plan() -> dict[str, dict[str, frozenset[int]]]:
 def plan_rows() -> dict[str, dict[str, list[int]]]:
     """:func:`plan` as JSON (sorted row lists), as profiles and benchmarks record it."""
     return {k: {m: sorted(r) for m, r in v.items()} for k, v in plan().items()}
+
+
+def plan_record() -> dict:
+    """What a profile records of the plan it was measured under: the mode and machine (checked) and the rows."""
+    return {"mode": plan_mode(), "machine": _machine_key(), "rows": plan_rows()}
 
 
 def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -164,7 +164,9 @@ def coverage_depth(dist: np.ndarray, coverage: float) -> int:
     return int(np.searchsorted(np.cumsum(dist), coverage - 1e-9)) + 1
 
 
-def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, device, dtype) -> dict:
+def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, device, dtype,
+                     on_model=None) -> dict:
+    """``on_model(rows)`` is called after each model, so a caller can save what is measured so far."""
     from helios_rl.controllers.params import HeliosParams
 
     coverage = HeliosParams().coverage
@@ -192,6 +194,8 @@ def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, d
         out["throughput_ratio"] = out["helios"]["tok_s"] / out["static"]["tok_s"]
         out["max_batch_ratio"] = out["helios"]["admissible_batch"] / max(out["static"]["admissible_batch"], 1)
         rows[name] = out
+        if on_model is not None:
+            on_model(rows)
         model.unload()
         del model
     chosen = max(rows, key=lambda k: rows[k]["helios"]["tok_s"])
@@ -278,17 +282,27 @@ def main(argv=None) -> int:
                  "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                  "date": date.today().isoformat(), "git": git_revision(), "machine": machine_info(),
                  "settings": vars(p) | {"batches": list(batches)}}
+    res["complete"] = False  # a run cut short leaves what it measured, marked incomplete
+
+    def checkpoint(section: str) -> None:
+        res["sections_done"] = res.get("sections_done", []) + [section]
+        res["elapsed_s"] = time.perf_counter() - t_all
+        atomic_write_json(args.out, res)
+
     print("copy bandwidth ...", file=sys.stderr)
     bw = copy_bandwidth(device, (16 << 20) if smoke else GIB, 3 if smoke else 20)
     res["copy_bandwidth"] = bw
+    checkpoint("copy_bandwidth")
 
     print("decode b1 (OPT-1.3B shape) ...", file=sys.stderr)
     opt13 = random_model("opt-1.3b", device=device, dtype=dtype, scale=p.scale, seed=p.seed)
     res["decode_b1"] = decode_b1(opt13, p, bw["gb_s"])
+    checkpoint("decode_b1")
     res["vs_generate"] = {}
     for b in batches:
         print(f"engine vs generate b{b} ...", file=sys.stderr)
         res["vs_generate"][f"b{b}"] = vs_generate(opt13, p, b)
+        checkpoint(f"vs_generate_b{b}")
     opt13.unload()
     del opt13
 
@@ -296,11 +310,16 @@ def main(argv=None) -> int:
     if refs:
         print(f"bundled models {refs} ...", file=sys.stderr)
         res["bundled"] = bundled(refs, p, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        checkpoint("bundled")
     replay = replay_source(args, res["bundled"])
     res["replay"] = replay.describe()
     print("helios vs static (exit replay) ...", file=sys.stderr)
-    hs = helios_vs_static(["opt-1.3b", "opt-6.7b"], p, replay, device, dtype)
+    hs = helios_vs_static(["opt-1.3b", "opt-6.7b"], p, replay, device, dtype,
+                          on_model=lambda rows: (res.__setitem__("helios_vs_static_models", rows),
+                                                 checkpoint(f"helios_vs_static:{list(rows)[-1]}")))
     res["helios_vs_static"] = hs
+    res.pop("helios_vs_static_models", None)
+    checkpoint("helios_vs_static")
     vg = res["vs_generate"]
     res["summary"] = {
         "label": res["label"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -324,6 +343,7 @@ def main(argv=None) -> int:
     }
     if smoke:
         res["summary"]["note"] = f"batches {batches[0]}/{batches[1]} stand in for 32/128; tiny shapes; not figures"
+    res["complete"] = True
     atomic_write_json(args.out, res)
     print(json.dumps(res["summary"], indent=2))
     return 0

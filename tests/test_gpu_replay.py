@@ -141,7 +141,26 @@ def test_gpu_benchmark_smoke_writes_a_labelled_summary(tmp_path):
     assert s["smoke"] is True and "SMOKE" in s["label"] and s["helios_vs_static_exit_mode"] == "replay"
     assert res["replay"]["exit_mode"] == "replay" and "not measured" in res["replay"]["source"]["model"]
     assert s["helios_vs_static_max_batch"] > 1  # the partial load admits a larger batch
+    # saved after every section, so a run cut short keeps what it measured; the finished file says so
+    assert res["complete"] is True and "helios_vs_static_models" not in res
+    assert res["sections_done"] == ["copy_bandwidth", "decode_b1", "vs_generate_b2", "vs_generate_b4",
+                                    "helios_vs_static:opt-1.3b", "helios_vs_static:opt-6.7b", "helios_vs_static"]
     if not torch.cuda.is_available():
         assert s["device"] == "cpu" and s["joules_per_token"] == {"helios": None, "static": None}
         assert bench.main(["--out", str(tmp_path / "refused.json")]) == 2
         assert not (tmp_path / "refused.json").exists()
+
+
+def test_gpu_benchmark_cut_short_keeps_its_measured_sections(tmp_path, monkeypatch):
+    bench = _gpu_bench()
+    out = tmp_path / "cut.json"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("cut short")
+
+    monkeypatch.setattr(bench, "vs_generate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--smoke", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and res["sections_done"] == ["copy_bandwidth", "decode_b1"]
+    assert res["decode_b1"]["decode_tok_s"] > 0 and "summary" not in res

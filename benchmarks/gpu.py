@@ -22,7 +22,10 @@ What it measures (``summary`` in the JSON):
   loaded, tokens exit where replayed, the batch the budget admits. HELIOS: each candidate loaded to
   the depth by which ``coverage`` (HELIOS default 0.9) of its replayed tokens exit, the rest exit
   greedily at the last loaded layer; the candidate with the higher measured throughput is served
-  (HELIOS's profile-then-serve choice); the ratio is against static on the same model.
+  (HELIOS's profile-then-serve choice); the ratio is against static on the same model. Each mode runs
+  once untimed over its workload, then ``repeats`` times interleaved with the other; medians are reported.
+  ``helios_vs_static_same_config`` is true where HELIOS chose static's depth and batch: that ratio is 1 by
+  construction, and what is measured there is run-to-run noise.
 - ``joules_per_token``: NVML energy counter over the helios and static runs (None without NVML).
 - ``bundled``: the real models (smollm2-135m, gemma3-270m) on the same device: decode tok/s at batch 1
   and 32, their real (confidence-based, calibrated heads) exit profile, joules per token.
@@ -52,6 +55,7 @@ from helios_rl.engine.engine import Engine
 from helios_rl.engine.exits import ExitReplay
 from helios_rl.engine.request import SamplingParams
 from helios_rl.evaluation.harness import git_revision, machine_info
+from helios_rl.models import attention
 from helios_rl.models.paper import random_model
 from helios_rl.utils.io import atomic_write_json
 
@@ -190,17 +194,32 @@ def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, d
                                           max_model_len=p.max_model_len, exit_replay=replay, energy=True,
                                           max_prefill_tokens=p.max_prefill_tokens)
         out = {"num_layers": L, "mapped_distribution": np.round(dist, 6).tolist(), "exit_layers": list(exit_layers)}
-        for mode, depth in (("static", L), ("helios", coverage_depth(dist, coverage))):
+        modes = {"static": L, "helios": coverage_depth(dist, coverage)}
+        setup = {}
+        for mode, depth in modes.items():  # each mode's batch, prompts and an untimed run of its workload (_WARM)
             model.set_depth(depth)
             admit = Engine(model, settings()).admissible_batch(depth)
             n = max(1, admit * p.requests_per_slot)
             prompts = random_prompts(model.vocab_size, n, p.prompt_len // 2, p.prompt_len, p.seed)
             replay.reset(p.seed)
-            cold = serve(model, prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers))  # _WARM
-            replay.reset(p.seed)
-            r = serve(model, prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers))
-            out[mode] = dict(r, admissible_batch=admit, requests=n, cold_tok_s=cold["tok_s"])
-            print(f"  {name} {mode}: depth {depth}/{L}, batch {admit}, {r['tok_s']:.1f} tok/s", file=sys.stderr)
+            cold = serve(model, prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers))
+            setup[mode] = (depth, admit, n, prompts, cold["tok_s"])
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for _ in range(p.repeats):  # interleaved, so drift in the host or the GPU's clocks hits both alike
+            for mode, (depth, admit, n, prompts, _cold) in setup.items():
+                model.set_depth(depth)
+                replay.reset(p.seed)
+                runs[mode].append(serve(model, prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers)))
+        for mode, (depth, admit, n, _prompts, cold_tok_s) in setup.items():
+            tok_s = [r["tok_s"] for r in runs[mode]]
+            med = sorted(runs[mode], key=lambda r: r["tok_s"])[len(tok_s) // 2]  # the median run's records
+            out[mode] = dict(med, tok_s=statistics.median(tok_s), tok_s_runs=tok_s, admissible_batch=admit,
+                             requests=n, cold_tok_s=cold_tok_s)
+            print(f"  {name} {mode}: depth {depth}/{L}, batch {admit}, {out[mode]['tok_s']:.1f} tok/s "
+                  f"(median of {[round(t) for t in tok_s]})", file=sys.stderr)
+        # HELIOS at static's depth and batch serves the same workload the same way: its ratio is then 1 by
+        # construction and the measured value shows run-to-run noise, not a speedup
+        out["same_config"] = setup["helios"][:3] == setup["static"][:3]
         out["throughput_ratio"] = out["helios"]["tok_s"] / out["static"]["tok_s"]
         out["max_batch_ratio"] = out["helios"]["admissible_batch"] / max(out["static"]["admissible_batch"], 1)
         rows[name] = out
@@ -212,6 +231,7 @@ def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, d
     return {"exit_mode": "replay", "coverage": coverage, "budget_bytes": p.budget_bytes, "models": rows,
             "helios_model": chosen, "helios_depth": rows[chosen]["helios"]["depth"],
             "throughput": rows[chosen]["throughput_ratio"], "max_batch": rows[chosen]["max_batch_ratio"],
+            "same_config": rows[chosen]["same_config"],
             "joules_per_token": {"helios": rows[chosen]["helios"]["joules_per_token"],
                                  "static": rows[chosen]["static"]["joules_per_token"]}}
 
@@ -252,10 +272,11 @@ def replay_source(args, measured: dict) -> ExitReplay:
 
 
 def sdpa_backends() -> dict:
-    """Which of PyTorch's scaled-dot-product-attention backends are enabled (it picks among these)."""
-    b = torch.backends.cuda
-    return {"cudnn": b.cudnn_sdp_enabled(), "flash": b.flash_sdp_enabled(),
-            "mem_efficient": b.mem_efficient_sdp_enabled(), "math": b.math_sdp_enabled()}
+    """The scaled-dot-product-attention backends PyTorch picks among in helios_rl's attention (engine and
+    ``generate`` alike: both run the model through it)."""
+    allowed = attention.CUDA_SDPA_BACKENDS
+    return {"allowed": "torch default" if allowed is None else [b.name for b in allowed],
+            "torch_cudnn_enabled": torch.backends.cuda.cudnn_sdp_enabled()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -269,8 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--replay-from", default="smollm2-135m", help="bundled model whose measured exits are replayed")
     ap.add_argument("--replay-profile", default=None, help="an ExitProfile JSON to replay instead")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--sdpa", choices=("default", "no-cudnn"), default="default",
-                    help="no-cudnn: turn off PyTorch's cuDNN attention backend (A/B of its per-shape setup cost)")
+    ap.add_argument("--sdpa", choices=("helios", "torch-default"), default="helios",
+                    help="attention backends: helios_rl's (CUDA without cuDNN attention, models.attention."
+                         "CUDA_SDPA_BACKENDS) or PyTorch's own choice (the A/B baseline)")
     return ap.parse_args(argv)
 
 
@@ -283,8 +305,8 @@ def main(argv=None) -> int:
               "to check the code path on tiny shapes (not figures).", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    if args.sdpa == "no-cudnn":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.sdpa == "torch-default":
+        attention.CUDA_SDPA_BACKENDS = None
     smoke = args.smoke
     p = SimpleNamespace(
         scale="tiny" if smoke else "paper", seed=args.seed, repeats=args.repeats or (1 if smoke else 3),
@@ -354,6 +376,7 @@ def main(argv=None) -> int:
         "helios_vs_static_throughput": hs["throughput"],
         "helios_vs_static_max_batch": hs["max_batch"],
         "helios_vs_static_exit_mode": "replay",
+        "helios_vs_static_same_config": hs["same_config"],
         "helios_model": hs["helios_model"], "helios_depth": hs["helios_depth"],
         "joules_per_token": hs["joules_per_token"],
         "replay_source": replay.source.get("model"),

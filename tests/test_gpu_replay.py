@@ -164,3 +164,21 @@ def test_gpu_benchmark_cut_short_keeps_its_measured_sections(tmp_path, monkeypat
     res = json.loads(out.read_text())
     assert res["complete"] is False and res["sections_done"] == ["copy_bandwidth", "decode_b1"]
     assert res["decode_b1"]["decode_tok_s"] > 0 and "summary" not in res
+
+
+def test_attention_scope_leaves_cudnn_out_on_cuda_only(monkeypatch):
+    from helios_rl.models import attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    assert before  # PyTorch's default, which the scope must restore
+    with attention.sdpa_scope("cuda"):  # sets the backend flags only; needs no GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        with attention.sdpa_scope("cuda"):  # nested (an engine step's layers): nothing more to switch
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with attention.sdpa_scope("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setattr(attention, "CUDA_SDPA_BACKENDS", None)  # gpu.py --sdpa torch-default
+    with attention.sdpa_scope("cuda"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -28,6 +28,7 @@ from helios_rl.engine.request import Request, RequestError, SamplingParams, Stat
 from helios_rl.engine.sampling import select_tokens
 from helios_rl.engine.telemetry import RequestRecord, StepRecord, Telemetry, TelemetrySnapshot
 from helios_rl.models.heads import CONFIDENCE_MEASURES
+from helios_rl.models.attention import sdpa_scope
 from helios_rl.models.layered import LayeredModel, release_freed_memory
 from helios_rl.utils.nvml import NvmlEnergy, open_energy_counter
 
@@ -463,7 +464,7 @@ class Engine:
         stats = {"greedy": 0, "breach": 0, "conf_sum": 0.0, "conf_n": 0}
         prefill_tokens = prefill_n = prefill_done = 0
         failed = False
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_scope(self.model.device):  # once per step, not per layer
             if prefill_rows:
                 rows, seqs, done = [], [], []
                 budget = self.settings.max_prefill_tokens

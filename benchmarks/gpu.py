@@ -194,32 +194,35 @@ def helios_vs_static(names: list[str], p: SimpleNamespace, replay: ExitReplay, d
                                           max_model_len=p.max_model_len, exit_replay=replay, energy=True,
                                           max_prefill_tokens=p.max_prefill_tokens)
         out = {"num_layers": L, "mapped_distribution": np.round(dist, 6).tolist(), "exit_layers": list(exit_layers)}
-        modes = {"static": L, "helios": coverage_depth(dist, coverage)}
-        setup = {}
-        for mode, depth in modes.items():  # each mode's batch, prompts and an untimed run of its workload (_WARM)
+        modes = {}
+        for mode, depth in (("static", L), ("helios", coverage_depth(dist, coverage))):
             model.set_depth(depth)
             admit = Engine(model, settings()).admissible_batch(depth)
             n = max(1, admit * p.requests_per_slot)
-            prompts = random_prompts(model.vocab_size, n, p.prompt_len // 2, p.prompt_len, p.seed)
+            modes[mode] = SimpleNamespace(depth=depth, admit=admit, n=n, runs=[],
+                                          prompts=random_prompts(model.vocab_size, n, p.prompt_len // 2,
+                                                                 p.prompt_len, p.seed))
+
+        def run(model, m: SimpleNamespace) -> dict:
+            model.set_depth(m.depth)
             replay.reset(p.seed)
-            cold = serve(model, prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers))
-            setup[mode] = (depth, admit, n, prompts, cold["tok_s"])
-        runs: dict[str, list[dict]] = {m: [] for m in modes}
+            return serve(model, m.prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers))
+
+        cold = {mode: run(model, m)["tok_s"] for mode, m in modes.items()}  # an untimed run of each workload (_WARM)
         for _ in range(p.repeats):  # interleaved, so drift in the host or the GPU's clocks hits both alike
-            for mode, (depth, admit, n, prompts, _cold) in setup.items():
-                model.set_depth(depth)
-                replay.reset(p.seed)
-                runs[mode].append(serve(model, prompts, p.new_tokens, settings(), ServingConfig(exit_layers=exit_layers)))
-        for mode, (depth, admit, n, _prompts, cold_tok_s) in setup.items():
-            tok_s = [r["tok_s"] for r in runs[mode]]
-            med = sorted(runs[mode], key=lambda r: r["tok_s"])[len(tok_s) // 2]  # the median run's records
-            out[mode] = dict(med, tok_s=statistics.median(tok_s), tok_s_runs=tok_s, admissible_batch=admit,
-                             requests=n, cold_tok_s=cold_tok_s)
-            print(f"  {name} {mode}: depth {depth}/{L}, batch {admit}, {out[mode]['tok_s']:.1f} tok/s "
+            for m in modes.values():
+                m.runs.append(run(model, m))
+        for mode, m in modes.items():
+            tok_s = [r["tok_s"] for r in m.runs]
+            med = sorted(m.runs, key=lambda r: r["tok_s"])[len(tok_s) // 2]  # the median run's records
+            out[mode] = dict(med, tok_s=statistics.median(tok_s), tok_s_runs=tok_s, admissible_batch=m.admit,
+                             requests=m.n, cold_tok_s=cold[mode])
+            print(f"  {name} {mode}: depth {m.depth}/{L}, batch {m.admit}, {out[mode]['tok_s']:.1f} tok/s "
                   f"(median of {[round(t) for t in tok_s]})", file=sys.stderr)
         # HELIOS at static's depth and batch serves the same workload the same way: its ratio is then 1 by
         # construction and the measured value shows run-to-run noise, not a speedup
-        out["same_config"] = setup["helios"][:3] == setup["static"][:3]
+        h, st = modes["helios"], modes["static"]
+        out["same_config"] = (h.depth, h.admit) == (st.depth, st.admit)
         out["throughput_ratio"] = out["helios"]["tok_s"] / out["static"]["tok_s"]
         out["max_batch_ratio"] = out["helios"]["admissible_batch"] / max(out["static"]["admissible_batch"], 1)
         rows[name] = out
@@ -358,9 +361,12 @@ def main(argv=None) -> int:
     replay = replay_source(args, res["bundled"])
     res["replay"] = replay.describe()
     print("helios vs static (exit replay) ...", file=sys.stderr)
-    hs = helios_vs_static(["opt-1.3b", "opt-6.7b"], p, replay, device, dtype,
-                          on_model=lambda rows: (res.__setitem__("helios_vs_static_models", rows),
-                                                 checkpoint(f"helios_vs_static:{list(rows)[-1]}")))
+
+    def model_done(rows: dict) -> None:  # the models measured so far, saved before the next one loads
+        res["helios_vs_static_models"] = rows
+        checkpoint(f"helios_vs_static:{list(rows)[-1]}")
+
+    hs = helios_vs_static(["opt-1.3b", "opt-6.7b"], p, replay, device, dtype, on_model=model_done)
     res["helios_vs_static"] = hs
     res.pop("helios_vs_static_models", None)
     checkpoint("helios_vs_static")

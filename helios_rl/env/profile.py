@@ -270,7 +270,7 @@ class SimProfile:
                                    f"{getattr(scenario.engine, key)!r}")
         recorded = self.meta.get("linear_plan")
         if isinstance(recorded, dict) and "mode" in recorded:  # step times rest on the kernels the plan chose
-            here_plan = current_linear_plan(scenario)
+            here_plan = current_linear_plan(scenario, rows=False)
             if here_plan is not None and (here_plan["mode"], here_plan["machine"]) != (recorded["mode"],
                                                                                        recorded.get("machine")):
                 raise ProfileError(f"{where}: measured under the CPU linear-kernel plan of HELIOS_RL_LINEAR_PLAN="
@@ -286,21 +286,22 @@ class SimProfile:
                 raise ProfileError(f"{where}: {exc}") from None
 
 
-def current_linear_plan(scenario) -> dict | None:
+def current_linear_plan(scenario, rows: bool = True) -> dict | None:
     """What a CPU engine of ``scenario`` multiplies with (at the scenario's thread count), as calibration records
     it: ``{"mode": HELIOS_RL_LINEAR_PLAN's mode, "machine": the plan's machine key, "rows": the plan}``; None off
-    the CPU. A profile is checked against the mode and machine; the rows are a record (a plan measured again on
-    the same machine may differ at near-ties, which is not another engine)."""
+    the CPU. A profile is checked against the mode and machine only (``rows=False``: nothing is measured or read
+    for the check); the rows are a record (a plan measured again on the same machine may differ at near-ties,
+    which is not another engine)."""
     from helios_rl.evaluation.runtime import set_threads
     from helios_rl.utils.device import resolve_device
 
     if resolve_device(scenario.engine.device).type != "cpu":
         return None
-    from helios_rl.models.kernels import plan_record
+    from helios_rl.models.kernels import plan_identity, plan_record
 
     prev = set_threads(scenario.engine.threads)
     try:
-        return plan_record()
+        return plan_record() if rows else plan_identity()
     finally:
         set_threads(prev)
 

@@ -219,9 +219,15 @@ def plan_rows() -> dict[str, dict[str, list[int]]]:
     return {k: {m: sorted(r) for m, r in v.items()} for k, v in plan().items()}
 
 
+def plan_identity() -> dict:
+    """Which plan this process multiplies with: ``{"mode", "machine"}`` (what a profile is checked against;
+    reading it measures nothing)."""
+    return {"mode": plan_mode(), "machine": _machine_key()}
+
+
 def plan_record() -> dict:
-    """What a profile records of the plan it was measured under: the mode and machine (checked) and the rows."""
-    return {"mode": plan_mode(), "machine": _machine_key(), "rows": plan_rows()}
+    """What a profile records of the plan it was measured under: :func:`plan_identity` and the rows."""
+    return {**plan_identity(), "rows": plan_rows()}
 
 
 def planned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -539,3 +539,9 @@ def test_step_records_its_prefill_pass_apart_from_its_decode_pass(tiny_dirs):
     rest = eng.telemetry.steps[-1]
     assert (rest.prefill_rows, rest.prefill_done, rest.prefill_tokens) == (1, 1, 2)
     assert int(rest.exit_counts.sum()) == 3
+    # the prefill pass is timed apart (the drift correction prices it by its own probe): within the step
+    for rec in (first, mixed, chunk, rest):
+        assert 0 < rec.prefill_wall_s <= rec.duration and rec.prefill_cpu_s > 0
+    eng.step()
+    decode_only = eng.telemetry.steps[-1]
+    assert decode_only.prefill_tokens == 0 and decode_only.prefill_wall_s == decode_only.prefill_cpu_s == 0.0

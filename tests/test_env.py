@@ -313,6 +313,9 @@ def test_calibration_records_the_speed_probe(drift_setup):
     assert sp["model"] == step_reference_model(Scenario.from_yaml(path)) and sp["batch"] == 8
     assert len(sp["samples"]) == 2 + len(Scenario.from_yaml(path).models)  # start, after each model, end
     assert sp["s"] == pytest.approx(float(np.median(sp["samples"])), abs=1e-5) and sp["s"] > 0  # samples: 5 decimals
+    # the prefill probe, sampled beside it: one request of (at most) PREFILL_TOKENS prompt tokens
+    assert len(sp["prefill_samples"]) == len(sp["samples"]) and 0 < sp["prefill_tokens"] <= 96
+    assert sp["prefill_s"] == pytest.approx(float(np.median(sp["prefill_samples"])), abs=1e-5) and sp["prefill_s"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -428,28 +431,40 @@ def test_drift_probe_scales_every_cost_by_calibrated_over_measured(drift_setup, 
     path, prof = drift_setup
     env = HeliosServingEnv(str(path), backend="live", profile=str(prof))
     be = env.backend
-    cal = be.drift.calibrated_s
+    cal, cal_pre = be.drift.calibrated_s, be.drift.prefill.calibrated_s
     slow = {"s": 2 * cal}  # the machine now takes twice as long for the probe: costs count half
     monkeypatch.setattr(be.probe, "step", lambda: slow["s"])
     monkeypatch.setattr(be.probe, "measure", lambda steps=8: slow["s"])
+    # the prefill probe slowed 4x: a step's prefill pass counts a quarter, the rest half
+    monkeypatch.setattr(be.prefill_probe, "step", lambda: 4 * cal_pre)
+    monkeypatch.setattr(be.prefill_probe, "measure", lambda steps=3: 4 * cal_pre)
     monkeypatch.setattr(be.timer, "step_cost", lambda t0, rec: 0.01)
+    monkeypatch.setattr(be.timer, "prefill_part", lambda rec: 0.004 if rec.prefill_tokens else 0.0)
+
+    def run(dt: float) -> tuple[float, int, int]:
+        n0 = len(be.engine.telemetry.steps)
+        iv = be.advance(dt)
+        recs = list(be.engine.telemetry.steps)[n0:]
+        return iv.busy_s, len(recs), sum(1 for r in recs if r.prefill_tokens)
+
     env.reset(seed=3)
-    n0 = len(be.engine.telemetry.steps)
-    iv = be.advance(0.04)
-    steps = len(be.engine.telemetry.steps) - n0
-    assert steps > 0 and iv.busy_s == pytest.approx(0.005 * steps)
+    busy, steps, pre = run(0.04)
+    assert steps > 0 and pre > 0 and busy == pytest.approx(0.005 * (steps - pre) + (0.5 * 0.006 + 0.25 * 0.004) * pre)
+    charged = busy
+    one_factor = 0.005 * steps
     n_slow = steps
     slow["s"] = cal / 2  # faster than calibrated: after the window turns over, costs count double
     for _ in range(5):
         be.drift.add(be.probe.step())
-    n0 = len(be.engine.telemetry.steps)
-    iv = be.advance(0.08)
-    steps = len(be.engine.telemetry.steps) - n0
-    assert steps > 0 and iv.busy_s == pytest.approx(0.02 * steps)
+    busy, steps, pre = run(0.08)
+    assert steps > 0 and busy == pytest.approx(0.02 * (steps - pre) + (2.0 * 0.006 + 0.25 * 0.004) * pre)
     d = be.summary()["drift"]
     assert d["factor_min"] == pytest.approx(0.5) and d["factor_max"] == pytest.approx(2.0) and d["probes"] >= 6
-    assert d["charged_s"] == pytest.approx(0.5 * 0.01 * n_slow + 2.0 * 0.01 * steps, abs=1e-3)
+    assert d["prefill_factor_min"] == d["prefill_factor_max"] == pytest.approx(0.25) and d["prefill_probes"] >= 1
+    assert d["charged_s"] == pytest.approx(charged + busy, abs=1e-3)
+    assert d["charged_one_factor_s"] == pytest.approx(one_factor + 0.02 * steps, abs=1e-3)  # the decode factor alone
     assert d["measured_s"] == pytest.approx(0.01 * (n_slow + steps), abs=1e-3)
+    assert d["measured_prefill_s"] > 0
     env.close()
 
 
@@ -481,6 +496,14 @@ def test_drift_probe_refuses_what_it_cannot_correct(drift_setup, tiny_scenario, 
         LiveBackend(sc, EpisodeWorkload(sc), profile=str(tiny_profile))  # calibrated (modeled) without a probe
     with pytest.raises(ValueError, match="virtual clock"):
         HeliosServingEnv(str(path), backend="live", profile=str(prof), clock="wall")
+    from helios_rl.env.profile import SimProfile
+
+    old = SimProfile.load(prof)  # calibrated before the prefill probe existed: refused, not corrected by half
+    for k in ("prefill_s", "prefill_tokens", "prefill_samples"):
+        old.meta["speed_probe"].pop(k)
+    old.save(tmp_path / "old.json")
+    with pytest.raises(ValueError, match="no prefill time.*re-calibrate"):
+        LiveBackend(sc, EpisodeWorkload(sc), profile=str(tmp_path / "old.json"))
     bad = tmp_path / "bad.yaml"
     bad.write_text(tiny_scenario.read_text().replace("backend: {timing: modeled,", "backend: {timing: modeled, drift: probe,"))
     with pytest.raises(ScenarioError, match="backend.drift"):
@@ -504,6 +527,23 @@ def test_drift_correction_uses_the_median_of_its_window_and_resets_per_episode()
     assert d.summary()["probes"] == 0 and d.summary()["factor_mean"] == pytest.approx(1.0)  # the window is kept
     with pytest.raises(ValueError, match="positive"):
         DriftCorrection(0.0)
+    with pytest.raises(ValueError, match="no calibrated prefill probe"):
+        DriftCorrection(0.2).add_prefill(0.1)
+
+
+def test_drift_correction_prices_a_costs_prefill_part_by_the_prefill_probe():
+    from helios_rl.evaluation.drift import DriftCorrection
+
+    d = DriftCorrection(0.2, window=3, calibrated_prefill_s=1.0)
+    d.add(0.4)  # decode probe 2x slower: factor 0.5
+    d.add_prefill(1.25)  # prefill probe 1.25x slower: factor 0.8
+    assert d.scale(1.0, prefill=0.5) == pytest.approx(0.5 * 0.5 + 0.5 * 0.8)
+    assert d.scale(1.0) == pytest.approx(0.5)  # no prefill pass: the decode factor alone
+    assert d.scale(0.2, prefill=0.3) == pytest.approx(0.2 * 0.8)  # a prefill part is at most the cost
+    s = d.summary()
+    assert s["measured_s"] == pytest.approx(2.2) and s["charged_s"] == pytest.approx(0.65 + 0.5 + 0.16)
+    assert s["measured_prefill_s"] == pytest.approx(0.7) and s["prefill_factor_mean"] == pytest.approx(0.8)
+    assert s["charged_one_factor_s"] == pytest.approx(1.1)  # what the decode factor alone would have charged
 
 
 def test_the_environment_resolves_arrival_rates_relative_to_capacity(tiny_scenario, tiny_profile, tmp_path):

@@ -338,8 +338,12 @@ def test_serve_cli_needs_a_scenario_or_a_model(capsys):
     assert "SCENARIO" in capsys.readouterr().err
 
 
-def test_sampled_scoring_measures_served_agreement_off_the_request_path(text_dirs):
+def test_sampled_scoring_measures_served_agreement_off_the_request_path(text_dirs, monkeypatch):
     """Every finished request sampled (share 1.0): full depth without exits agrees exactly with itself."""
+    from helios_rl.evaluation.accuracy import AccuracyScorer
+
+    tf_calls = []
+    monkeypatch.setattr(AccuracyScorer, "teacher_forced", lambda self, *a: tf_calls.append(a) or (0, 0.0))
     rt = make_runtime(text_dirs, score_sample=1.0, score_reference="tiny-a")
     try:
         with BackgroundServer(create_app(rt)) as url:
@@ -353,6 +357,10 @@ def test_sampled_scoring_measures_served_agreement_off_the_request_path(text_dir
         assert total(m, "helios_served_agreement", model="tiny-a") == 1.0
         assert total(m, "helios_scorer_cpu_seconds_total") > 0
         assert rt.loop.scorer.scorer.tokens == 15
+        # it measures what it exports: the reference perplexity of the served text, not the teacher-forced pass
+        assert rt.loop.scorer.scorer.measures == ["agreement", "reference_ppl"]
+        assert total(m, "helios_served_reference_ppl", model="tiny-a") > 1.0
+        assert tf_calls == []
     finally:
         rt.loop.stop()
 

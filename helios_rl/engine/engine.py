@@ -463,9 +463,11 @@ class Engine:
         counts = np.zeros(self.model.num_layers, dtype=np.int64)
         stats = {"greedy": 0, "breach": 0, "conf_sum": 0.0, "conf_n": 0}
         prefill_tokens = prefill_n = prefill_done = 0
+        prefill_wall = prefill_cpu = 0.0
         failed = False
         with torch.inference_mode(), sdpa_scope(self.model.device):  # once per step, not per layer
             if prefill_rows:
+                tp0, cp0 = time.perf_counter(), time.process_time()  # the prefill pass's own cost, apart
                 rows, seqs, done = [], [], []
                 budget = self.settings.max_prefill_tokens
                 for r in prefill_rows:  # chunks in admission order, until the step's prefill budget is spent
@@ -494,6 +496,7 @@ class Engine:
                         keep = {i: j for j, i in enumerate(i for i, d in enumerate(done) if d)}
                         exits = [replace(ex, index=keep[ex.index]) for ex in exits if ex.index in keep]
                         events += self._update(finished, exits, counts, stats)
+                prefill_wall, prefill_cpu = time.perf_counter() - tp0, time.process_time() - cp0
             if decode_rows:
                 depth = self.model.depth
                 allow = np.asarray([r.seq_len - self.pool.kv_len[r.slot, depth - 1] <= self.pool.pending_window
@@ -525,7 +528,8 @@ class Engine:
             greedy_exits=stats["greedy"], breaches=stats["breach"], conf_sum=stats["conf_sum"],
             conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished,
             exit_mode=self.exit_mode, energy_j=energy, row_positions=self._row_positions(),
-            prefill_rows=prefill_n, prefill_done=prefill_done))
+            prefill_rows=prefill_n, prefill_done=prefill_done, prefill_wall_s=prefill_wall,
+            prefill_cpu_s=prefill_cpu))
         return events
 
     def _fail_rows(self, rows: list[Request], exc: BaseException) -> list[TokenEvent]:

@@ -36,6 +36,8 @@ class StepRecord:
     row_positions: np.ndarray | None = None  # positions each layer ran (packed windows: real ones only)
     prefill_rows: int = 0  # requests in the step's prefill pass (each reads out the final head)
     prefill_done: int = 0  # of those, the ones whose prompt completed (their first token is in exit_counts)
+    prefill_wall_s: float = 0.0  # the step's prefill pass alone: wall seconds (part of ``duration``)
+    prefill_cpu_s: float = 0.0  # ... and process CPU seconds (the drift correction prices it apart)
 
 
 @dataclass

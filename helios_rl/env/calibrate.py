@@ -24,7 +24,7 @@ from helios_rl.engine.request import SamplingParams
 from helios_rl.env.backend import admissible_table, config_hash, engine_version, thr_key
 from helios_rl.env.profile import FEATURES, ModelSim, SimProfile, record_features
 from helios_rl.evaluation.replay import format_prompt
-from helios_rl.evaluation.probe import PROBE_BATCH, SpeedProbe
+from helios_rl.evaluation.probe import PROBE_BATCH, PrefillProbe, SpeedProbe
 from helios_rl.evaluation.runtime import ModelLoader, Timer, VirtualClock, exit_layers_for, set_threads
 from helios_rl.models.layered import release_freed_memory
 from helios_rl.models.registry import resolve_model
@@ -141,10 +141,14 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
     # resolved in: SimProfile.reference_step), each sampled before, between and after the models' calibrations
     probes: dict[int, SpeedProbe] = {}
     samples: dict[int, list[float]] = {}
+    prefill: list = []  # the prefill probe (the drift correction prices prefill passes by it) and its samples
+    prefill_samples: list[float] = []
 
     def sample() -> None:
         for b, pr in probes.items():
             samples.setdefault(b, []).append(pr.measure())
+        for pr in prefill:
+            prefill_samples.append(pr.measure())
 
     try:
         if timer.mode != "modeled":
@@ -152,6 +156,7 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
             for b in reference_batches(sc):
                 if b not in probes:
                     probes[b] = SpeedProbe(sc, timer, batch=b, model=probes[PROBE_BATCH].model)
+            prefill.append(PrefillProbe(probes[PROBE_BATCH]))
             sample()
         for name in sc.models:
             models[name] = _model(sc, name, loader, timer, texts, thr_grid, depth_buckets, batches, prompts,
@@ -162,7 +167,12 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
         for b in sorted(samples):
             say(f"  reference step ({step_reference_model(sc)}, full depth, batch {b}): "
                 + ", ".join(f"{p * 1000:.0f}" for p in samples[b]) + " ms")
+        if prefill_samples:
+            say(f"  prefill probe ({prefill[0].tokens} tokens): "
+                + ", ".join(f"{p * 1000:.0f}" for p in prefill_samples) + " ms")
     finally:
+        for pr in prefill:
+            pr.close()
         for b in sorted(probes, key=lambda b: b == PROBE_BATCH):  # the probe owning the model last
             probes[b].close()
         set_threads(prev)
@@ -180,7 +190,9 @@ def calibrate(scenario, thresholds: tuple[float, ...] | None = None, depth_bucke
     if samples:  # medians over the calibration; the spread says whether the machine held still meanwhile
         meta["speed_probe"] = {"model": step_reference_model(sc), "batch": PROBE_BATCH,
                                "s": float(np.median(samples[PROBE_BATCH])),
-                               "samples": [round(p, 5) for p in samples[PROBE_BATCH]]}
+                               "samples": [round(p, 5) for p in samples[PROBE_BATCH]],
+                               "prefill_tokens": prefill[0].tokens, "prefill_s": float(np.median(prefill_samples)),
+                               "prefill_samples": [round(p, 5) for p in prefill_samples]}
         meta["reference_steps"] = {"model": step_reference_model(sc),
                                    "s": {str(b): float(np.median(v)) for b, v in sorted(samples.items())},
                                    "samples": {str(b): [round(p, 5) for p in v] for b, v in sorted(samples.items())}}

@@ -116,7 +116,7 @@ class LiveBackend:
                                        sc.engine.max_model_len + 64, sc.reference_model(),
                                        teacher_forced=self.score == "all",
                                        reference_ppl=self.score == "all" or sc.slo.max_reference_ppl is not None)
-        self.probe = self.drift = None
+        self.probe = self.prefill_probe = self.drift = None
         if sc.backend.drift == "probe":
             self._start_probe()
         self.clock = VirtualClock(0.0)
@@ -125,7 +125,7 @@ class LiveBackend:
     def _start_probe(self) -> None:
         """``backend.drift: probe``: the calibrated probe time, and a probe of this machine (evaluation.probe)."""
         from helios_rl.evaluation.drift import DriftCorrection
-        from helios_rl.evaluation.probe import SpeedProbe
+        from helios_rl.evaluation.probe import PrefillProbe, SpeedProbe
 
         sc = self.scenario
         if self.clock_kind != "virtual" or self.timer.mode == "modeled":
@@ -143,20 +143,35 @@ class LiveBackend:
         if self.probe.model_name != cal.get("model"):
             raise ValueError(f"{sc.name}: the profile's speed probe ran {cal.get('model')!r}, this scenario's SLO "
                              f"reference model is {self.probe.model_name!r}")
-        self.drift = DriftCorrection(float(cal["s"]))
+        if not cal.get("prefill_s"):
+            raise ValueError(f"{sc.name}: backend.drift: probe prices prefill passes by a prefill probe; this "
+                             f"profile's speed probe has no prefill time (calibrated before it existed): re-calibrate")
+        self.prefill_probe = PrefillProbe(self.probe)
+        if self.prefill_probe.tokens != cal.get("prefill_tokens"):
+            raise ValueError(f"{sc.name}: the profile's prefill probe ran {cal.get('prefill_tokens')!r} tokens, this "
+                             f"backend's runs {self.prefill_probe.tokens}: re-calibrate")
+        self.drift = DriftCorrection(float(cal["s"]), calibrated_prefill_s=float(cal["prefill_s"]))
         self._probed_at = -float("inf")
+        self._probe_events = 0
 
-    def _cost(self, seconds: float) -> float:
-        """A measured cost as the virtual clock is charged it (drift-corrected where the backend probes)."""
-        return self.drift.scale(seconds) if self.drift is not None else seconds
+    def _cost(self, seconds: float, prefill: float = 0.0) -> float:
+        """A measured cost as the virtual clock is charged it (drift-corrected where the backend probes;
+        ``prefill``: the part of it that was a prefill pass, priced by the prefill probe)."""
+        return self.drift.scale(seconds, prefill) if self.drift is not None else seconds
 
     def _maybe_probe(self, force: int = 0) -> None:
+        """Probe the machine every ``drift_interval_s`` of wall time: the decode probe each time, the prefill
+        probe (a longer step) every second time; ``force``: both, that many steps each (an episode's start)."""
         if self.probe is None:
             return
         if force:
             self.drift.add(self.probe.measure(force))
+            self.drift.add_prefill(self.prefill_probe.measure(force))
         elif time.perf_counter() - self._probed_at >= self.scenario.backend.drift_interval_s:
             self.drift.add(self.probe.step())
+            self._probe_events += 1
+            if self._probe_events % 2 == 0:
+                self.drift.add_prefill(self.prefill_probe.step())
         else:
             return
         self._probed_at = time.perf_counter()
@@ -276,7 +291,8 @@ class LiveBackend:
                 failure = f"{type(exc).__name__}: {exc}"
                 break
             self._track(events, eng.model.name)
-            cost = self._cost(self.timer.step_cost(t0, eng.telemetry.steps[-1]))
+            rec = eng.telemetry.steps[-1]
+            cost = self._cost(self.timer.step_cost(t0, rec), self.timer.prefill_part(rec))
             clock.advance(cost)
             busy += cost
             if clock.now >= t_end:
@@ -386,6 +402,9 @@ class LiveBackend:
             self._kept = None
         if self.scorer is not None:
             self.scorer.close()
+        if self.prefill_probe is not None:
+            self.prefill_probe.close()
+            self.prefill_probe = None
         if self.probe is not None:
             self.probe.close()
             self.probe = None

@@ -15,6 +15,14 @@ machine as it was calibrated. The costs are still measured; what the correction 
 slows serving steps and the probe step alike. The factors of every episode are recorded beside its
 results, so a reader sees how far the machine moved.
 
+A slowdown does not slow every kind of work alike: on the project's VM, in four benchmark runs, the measured
+serving time of steady's fixed configurations (SmolLM2, a third of it prefill) moved only 0.67-0.81 as much as
+this decode probe did (log-log slope), while exit-lever's (Gemma3 decode at small batches, the probe's kind of
+work) moved 0.93-1.12 as much (benchmarks/RESULTS.md, issue 14). A prefill pass is compute-bound; a small decode
+step is not. So a :class:`PrefillProbe` times a prefill step of the same model (:data:`PREFILL_TOKENS` prompt
+tokens) as well, and the correction prices each step's prefill pass (timed apart by the engine,
+``StepRecord.prefill_cpu_s`` / ``prefill_wall_s``) by the prefill probe and the rest by the decode probe.
+
 This module is part of the profile's engine version (a probe changed is another measurement); the
 correction's bookkeeping lives in :mod:`helios_rl.evaluation.drift`, which is not.
 """
@@ -25,6 +33,7 @@ import statistics
 from dataclasses import replace
 
 PROBE_BATCH = 8
+PREFILL_TOKENS = 96  # the prefill probe's prompt: one request of this many tokens (at most max_model_len / 2)
 PROBE_TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
               "combined movable metal type, oil-based ink and a screw press adapted from wine making.")
 
@@ -88,3 +97,60 @@ class SpeedProbe:
         self.engine.pool = None
         if self._owns_model:
             self.model.unload()
+
+
+class PrefillProbe:
+    """Times one prefill step of the SLO reference model: a single request of :data:`PREFILL_TOKENS` prompt
+    tokens (fewer where the scenario's context or prefill budget is smaller), in an engine of its own that
+    shares ``probe``'s loaded model. Each measurement aborts the previous request and admits a new one, so
+    the timed step is always exactly that prefill."""
+
+    def __init__(self, probe: SpeedProbe) -> None:
+        from helios_rl.engine.config import ServingConfig
+        from helios_rl.engine.engine import Engine
+        from helios_rl.evaluation.runtime import VirtualClock
+
+        self.timer, self.model = probe.timer, probe.model
+        settings = replace(probe.engine.settings, max_batch=1)
+        self.engine = Engine(self.model, settings, loader=None, clock=VirtualClock(0.0))
+        self.engine.apply(ServingConfig(max_batch=1, threshold=1.0, exit_layers=()))
+        n = min(PREFILL_TOKENS, settings.max_prefill_tokens, self.engine.max_len // 2)
+        tok = self.model.tokenizer
+        ids = tok((PROBE_TEXT + " ") * 8, add_special_tokens=False)["input_ids"] if tok is not None else []
+        if len(ids) < n:  # a model without a tokenizer (or a short text): fixed ids within the vocabulary
+            ids = [(7 * i + 3) % self.model.vocab_size for i in range(n)]
+        self.prompt = [int(t) for t in ids[:n]]
+        self._id: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt)
+
+    def _drop(self) -> None:
+        if self._id is not None:
+            self.engine.abort(self._id)
+            self.engine.release(self._id)
+            self._id = None
+
+    def step(self) -> float:
+        """Seconds (the scenario's timing) of one prefill step of :attr:`tokens` prompt tokens."""
+        from helios_rl.engine.request import SamplingParams
+
+        self._drop()
+        self._id = self.engine.add_request(list(self.prompt), SamplingParams(max_new_tokens=2, ignore_eos=True))
+        t0 = self.timer.start()
+        self.engine.step()
+        dt = self.timer.elapsed(t0)
+        rec = self.engine.telemetry.steps[-1]
+        if rec.prefill_tokens != self.tokens:
+            raise RuntimeError(f"prefill probe: the timed step prefilled {rec.prefill_tokens} tokens, not {self.tokens}")
+        return dt
+
+    def measure(self, steps: int = 3) -> float:
+        """The median of ``steps`` prefill steps (after one untimed warm-up)."""
+        self.step()
+        return statistics.median(self.step() for _ in range(max(1, steps)))
+
+    def close(self) -> None:
+        self._drop()
+        self.engine.pool = None

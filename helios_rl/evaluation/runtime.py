@@ -122,6 +122,12 @@ class Timer:
         return (MODELED["c0"] + MODELED["c_tok"] * rec.decode_tokens + MODELED["c_depth"] * rec.depth
                 + MODELED["c_row_layer"] * rows_layers + MODELED["c_prefill"] * rec.prefill_tokens * rec.depth)
 
+    def prefill_part(self, rec: StepRecord) -> float:
+        """The part of :meth:`step_cost` that was the step's prefill pass (the engine times it apart)."""
+        if self.mode == "modeled":
+            return MODELED["c_prefill"] * rec.prefill_tokens * rec.depth
+        return rec.prefill_cpu_s if self.mode == "cpu" else rec.prefill_wall_s
+
     def load_cost(self, t0: float, nbytes: int) -> float:
         """Cost of an ``Engine.apply`` that read ``nbytes`` of weights."""
         if self.mode != "modeled":

@@ -33,6 +33,8 @@ class ServerMetrics:
         # --- quality of served output (sampled, scored off the request path) ---
         self.served_agreement = Gauge("helios_served_agreement", "Free-running agreement of sampled served "
                                       "requests with the serving model's full-depth output", ["model"], registry=r)
+        self.served_reference_ppl = Gauge("helios_served_reference_ppl", "Perplexity of sampled served text under "
+                                          "the reference model (token-weighted)", ["model"], registry=r)
         self.scored_requests = Counter("helios_scored_requests", "Sampled requests scored", registry=r)
         self.scorer_dropped = Counter("helios_scorer_dropped", "Samples skipped (scorer queue full)", registry=r)
         self.connections_refused = Counter("helios_connections_refused", "Connections refused over max_connections",

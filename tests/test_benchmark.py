@@ -191,9 +191,19 @@ def test_the_leaderboard_reports_how_far_the_machine_drifted():
     d = drift_range(eps)
     assert (d["factor_min"], d["factor_max"], d["factor_median"], d["episodes"]) == (0.52, 1.04, 0.98, 3)
     assert drift_range([]) is None
-    board = {"suite": "s", "run": "r", "git": None, "date": "d", "config": {"train_seeds": 1, "test_seeds": 1,
-                                                                           "repeat": 1},
-             "scenarios": {"x/live": {"stats": {"best_baseline": "static", "ranking": ["static"],
-                                                "methods": {"static": {"runs": 1, "iqm": 1.0, "iqm_ci": [1, 1]}}},
-                                      "repro": {}, "drift": d}}}
-    assert "factors 0.52-1.04, median episode 0.98 over 3 episodes" in markdown(board)
+
+    def md(drift: dict) -> str:
+        return markdown({"suite": "s", "run": "r", "git": None, "date": "d",
+                         "config": {"train_seeds": 1, "test_seeds": 1, "repeat": 1},
+                         "scenarios": {"x/live": {"stats": {"best_baseline": "static", "ranking": ["static"],
+                                                            "methods": {"static": {"runs": 1, "iqm": 1.0,
+                                                                                   "iqm_ci": [1, 1]}}},
+                                                  "repro": {}, "drift": drift}}})
+
+    assert "factors 0.52-1.04, median episode 0.98 over 3 episodes." in md(d) and "prefill" not in md(d)
+    # with the prefill probe: its factors, which priced the steps' prefill passes, beside the decode probe's
+    pre = [{**e, "calibrated_prefill_probe_s": 0.4, "prefill_factor_mean": f, "prefill_factor_min": f - 0.01,
+            "prefill_factor_max": f + 0.01} for e, f in zip(eps, (0.9, 0.7, 1.1))]
+    d = drift_range(pre)
+    assert (d["prefill_factor_min"], d["prefill_factor_max"], d["prefill_factor_median"]) == pytest.approx((0.69, 1.11, 0.9))
+    assert "prefill passes by the prefill probe (400 ms): 0.69-1.11, median 0.90." in md(d)

@@ -145,10 +145,17 @@ def drift_range(episodes: list[dict]) -> dict | None:
     the range of the factors their costs were corrected by (1: as calibrated; 0.6: 1.7x slower)."""
     if not episodes:
         return None
-    return {"episodes": len(episodes), "factor_min": min(d["factor_min"] for d in episodes),
-            "factor_max": max(d["factor_max"] for d in episodes),
-            "factor_median": float(np.median([d["factor_mean"] for d in episodes])),
-            "calibrated_probe_s": episodes[0]["calibrated_probe_s"]}
+    out = {"episodes": len(episodes), "factor_min": min(d["factor_min"] for d in episodes),
+           "factor_max": max(d["factor_max"] for d in episodes),
+           "factor_median": float(np.median([d["factor_mean"] for d in episodes])),
+           "calibrated_probe_s": episodes[0]["calibrated_probe_s"]}
+    pre = [d for d in episodes if "prefill_factor_mean" in d]
+    if pre:  # the prefill probe's factors, which priced the steps' prefill passes
+        out.update({"prefill_factor_min": min(d["prefill_factor_min"] for d in pre),
+                    "prefill_factor_max": max(d["prefill_factor_max"] for d in pre),
+                    "prefill_factor_median": float(np.median([d["prefill_factor_mean"] for d in pre])),
+                    "calibrated_prefill_probe_s": pre[0]["calibrated_prefill_probe_s"]})
+    return out
 
 
 def markdown(board: dict) -> str:
@@ -199,7 +206,10 @@ def markdown(board: dict) -> str:
             lines.append(f"Machine speed against calibration (live costs corrected by calibrated / measured probe "
                          f"time, {d['calibrated_probe_s'] * 1000:.0f} ms at calibration): factors "
                          f"{d['factor_min']:.2f}-{d['factor_max']:.2f}, median episode {d['factor_median']:.2f} "
-                         f"over {d['episodes']} episodes.")
+                         f"over {d['episodes']} episodes"
+                         + (f"; prefill passes by the prefill probe ({d['calibrated_prefill_probe_s'] * 1000:.0f} ms): "
+                            f"{d['prefill_factor_min']:.2f}-{d['prefill_factor_max']:.2f}, median "
+                            f"{d['prefill_factor_median']:.2f}" if "prefill_factor_min" in d else "") + ".")
         for f in rp.get("ranking_flips") or []:
             lines.append(f"- `{f['pair'][0]}` and `{f['pair'][1]}` changed places between repeats (IQMs at most "
                          f"{100 * f['largest_relative_gap']:.1f} % apart in any repeat).")

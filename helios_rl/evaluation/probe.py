@@ -16,12 +16,15 @@ slows serving steps and the probe step alike. The factors of every episode are r
 results, so a reader sees how far the machine moved.
 
 A slowdown does not slow every kind of work alike: on the project's VM, in four benchmark runs, the measured
-serving time of steady's fixed configurations (SmolLM2, a third of it prefill) moved only 0.67-0.81 as much as
+serving time of steady's fixed configurations (SmolLM2; 36-52 % of it prefill passes) moved only 0.67-0.81 as much as
 this decode probe did (log-log slope), while exit-lever's (Gemma3 decode at small batches, the probe's kind of
 work) moved 0.93-1.12 as much (benchmarks/RESULTS.md, issue 14). A prefill pass is compute-bound; a small decode
 step is not. So a :class:`PrefillProbe` times a prefill step of the same model (:data:`PREFILL_TOKENS` prompt
 tokens) as well, and the correction prices each step's prefill pass (timed apart by the engine,
 ``StepRecord.prefill_cpu_s`` / ``prefill_wall_s``) by the prefill probe and the rest by the decode probe.
+On development seeds this removed the over-correction (charged seconds against the decode probe's slowdown:
+slope -0.16 with one factor, -0.03 split) but little of the variance: serving's prefill passes follow the
+prefill probe loosely (benchmarks/drift_split.py; RESULTS, issue 14).
 
 This module is part of the profile's engine version (a probe changed is another measurement); the
 correction's bookkeeping lives in :mod:`helios_rl.evaluation.drift`, which is not.

@@ -75,10 +75,6 @@ class DriftCorrection:
     def factor(self) -> float:
         return self.decode.factor
 
-    @property
-    def samples(self) -> deque:
-        return self.decode.samples
-
     def new_episode(self) -> None:
         self.decode.new_episode()
         if self.prefill is not None:

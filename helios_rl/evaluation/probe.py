@@ -41,6 +41,18 @@ PROBE_TEXT = ("The history of the printing press begins in the fifteenth century
               "combined movable metal type, oil-based ink and a screw press adapted from wine making.")
 
 
+def _full_depth_engine(model, settings, batch: int):
+    """A probe's own engine on ``model``: no memory budget, ``batch`` rows, full depth, no exits."""
+    from helios_rl.engine.config import ServingConfig
+    from helios_rl.engine.engine import Engine
+    from helios_rl.evaluation.runtime import VirtualClock
+
+    engine = Engine(model, replace(settings, memory_budget_bytes=None, max_batch=batch), loader=None,
+                    clock=VirtualClock(0.0))
+    engine.apply(ServingConfig(max_batch=batch, threshold=1.0, exit_layers=()))
+    return engine
+
+
 class SpeedProbe:
     """Times the SLO reference model's full-depth decode step at batch :data:`PROBE_BATCH` (module docstring),
     or at another ``batch``: calibration measures the reference step at every batch a scenario's relative SLOs
@@ -51,9 +63,7 @@ class SpeedProbe:
     context lengths, at calibration and in a live run."""
 
     def __init__(self, scenario, timer, cycle: int = 16, batch: int = PROBE_BATCH, model=None) -> None:
-        from helios_rl.engine.config import ServingConfig
-        from helios_rl.engine.engine import Engine
-        from helios_rl.evaluation.runtime import ModelLoader, VirtualClock
+        from helios_rl.evaluation.runtime import ModelLoader
         from helios_rl.scenario import step_reference_model
 
         if timer.mode == "modeled":
@@ -65,10 +75,8 @@ class SpeedProbe:
         self._owns_model = model is None  # a probe at another batch may share the loaded model
         self.model = ModelLoader(sc.engine.device, sc.engine.dtype, "shared")(self.model_name, None) \
             if model is None else model
-        settings = replace(sc.engine.settings(sc.exits.measure, sc.exits.default_threshold), memory_budget_bytes=None,
-                           max_batch=self.batch)
-        self.engine = Engine(self.model, settings, loader=None, clock=VirtualClock(0.0))
-        self.engine.apply(ServingConfig(max_batch=self.batch, threshold=1.0, exit_layers=()))
+        self.engine = _full_depth_engine(self.model, sc.engine.settings(sc.exits.measure, sc.exits.default_threshold),
+                                         self.batch)
         self._ids: list[str] = []
 
     def _refill(self) -> None:
@@ -109,15 +117,9 @@ class PrefillProbe:
     the timed step is always exactly that prefill."""
 
     def __init__(self, probe: SpeedProbe) -> None:
-        from helios_rl.engine.config import ServingConfig
-        from helios_rl.engine.engine import Engine
-        from helios_rl.evaluation.runtime import VirtualClock
-
         self.timer, self.model = probe.timer, probe.model
-        settings = replace(probe.engine.settings, max_batch=1)
-        self.engine = Engine(self.model, settings, loader=None, clock=VirtualClock(0.0))
-        self.engine.apply(ServingConfig(max_batch=1, threshold=1.0, exit_layers=()))
-        n = min(PREFILL_TOKENS, settings.max_prefill_tokens, self.engine.max_len // 2)
+        self.engine = _full_depth_engine(self.model, probe.engine.settings, 1)
+        n = min(PREFILL_TOKENS, self.engine.settings.max_prefill_tokens, self.engine.max_len // 2)
         tok = self.model.tokenizer
         ids = tok((PROBE_TEXT + " ") * 8, add_special_tokens=False)["input_ids"] if tok is not None else []
         if len(ids) < n:  # a model without a tokenizer (or a short text): fixed ids within the vocabulary

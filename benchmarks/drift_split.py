@@ -12,6 +12,10 @@ Run two of these at once, one per seed, to load both cores as a benchmark's two 
     OMP_NUM_THREADS=1 python benchmarks/drift_split.py envs/suite/steady.yaml --seed-index 1 --repeats 5 > b.json
     python benchmarks/drift_split.py --summarise a.json b.json
 
+With ``--log-probes`` each episode also records every probe sample and every charged cost, in order, for
+``benchmarks/drift_estimators.py`` to replay under other probe cadences and windows (``--interval``: probe this
+often, so sparser cadences can be replayed by dropping samples).
+
 Output: JSON on stdout (episodes; with --summarise, the spreads).
 """
 
@@ -51,6 +55,39 @@ def summarise(files: list[str]) -> dict:
     return out
 
 
+def log_probes(drift, log: list) -> None:
+    """Record into ``log`` each probe sample (``["d" | "p", seconds]``) and each charge (``["c", cost,
+    prefill part]``) in the order they happened, by wrapping this correction's methods (the script's own
+    instrument; the library's correction is unchanged)."""
+    add, add_prefill, scale = drift.add, drift.add_prefill, drift.scale
+
+    def _add(seconds):
+        log.append(["d", seconds])
+        return add(seconds)
+
+    def _add_prefill(seconds):
+        log.append(["p", seconds])
+        return add_prefill(seconds)
+
+    def _scale(cost, prefill=0.0):
+        log.append(["c", cost, prefill])
+        return scale(cost, prefill)
+
+    drift.add, drift.add_prefill, drift.scale = _add, _add_prefill, _scale
+
+
+def schedule(engine) -> dict:
+    """What the episode's engine ran, apart from how fast: the step count, the prefill passes and their rows,
+    the decode tokens, and the mean running batch. Repeats of one seed that differ here did different work
+    (the schedule follows the measured clock), not the same work at another speed."""
+    steps = list(engine.telemetry.steps)
+    pre = [s for s in steps if s.prefill_rows]
+    return {"steps": len(steps), "prefill_passes": len(pre), "prefill_rows": sum(s.prefill_rows for s in pre),
+            "prefill_tokens": sum(s.prefill_tokens for s in pre),
+            "decode_tokens": sum(s.decode_tokens for s in steps),
+            "mean_running": float(np.mean([s.running for s in steps])) if steps else 0.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("scenario", nargs="?")
@@ -58,6 +95,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default="static,aimd")
     ap.add_argument("--summarise", nargs="+", default=None, help="summarise these outputs instead of running")
+    ap.add_argument("--log-probes", action="store_true",
+                    help="record every probe sample and every charged cost (estimators replayed offline by "
+                         "benchmarks/drift_estimators.py)")
+    ap.add_argument("--interval", type=float, default=None,
+                    help="seconds between probes (default: the scenario's backend.drift_interval_s)")
     a = ap.parse_args()
     if a.summarise:
         print(json.dumps(summarise(a.summarise), indent=1))
@@ -72,17 +114,31 @@ def main() -> None:
     profile = _profile(sc, {"calib_min_tokens": 300})
     env = _env(a.scenario, "live", profile)
     ctx = _context(env, sc)
+    backend = env.backend
+    if a.interval is not None:
+        from dataclasses import replace
+
+        backend.scenario = replace(backend.scenario, backend=replace(backend.scenario.backend,
+                                                                     drift_interval_s=a.interval))
+    log: list = []
+    if a.log_probes:
+        log_probes(backend.drift, log)
     seed = dev_seed(dev_eval_seeds(a.seed_index + 1)[a.seed_index], "drift split A/B")
     rows, t0 = [], time.time()
     for rep in range(a.repeats):
         for m in a.methods.split(","):
             ep = run_episode(env, make_controller(m, ctx, sc.params(m)), seed)
             d = ep["drift"]
-            rows.append({"rep": rep, "method": m, "seed": seed, "tps": ep["tokens_per_s"], **{
+            rows.append({"rep": rep, "method": m, "seed": seed, "tps": ep["tokens_per_s"],
+                         "goodput_tps": ep["goodput_tps"], **{
                 k: d[k] for k in ("factor_mean", "prefill_factor_mean", "measured_s", "measured_prefill_s",
-                                  "charged_s", "charged_one_factor_s")}})
-            print(json.dumps(rows[-1]), f"t={time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    print(json.dumps({"scenario": sc.name, "seed": seed, "rows": rows}, indent=1))
+                                  "charged_s", "charged_one_factor_s")}, **schedule(env.backend.engine),
+                         **({"log": log[:]} if a.log_probes else {})})
+            log.clear()
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "log"}), f"t={time.time() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
+    cal = {k: v for k, v in backend.sim_profile.meta["speed_probe"].items() if k in ("s", "prefill_s")}
+    print(json.dumps({"scenario": sc.name, "seed": seed, "calibrated": cal, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ class BackendSection:
     timing: str = "cpu"
     interval_s: float = 0.25
     drift: str = "off"  # probe: live costs corrected for the machine's speed against calibration (evaluation.probe)
-    drift_interval_s: float = 5.0  # wall seconds between speed probes
+    drift_interval_s: float = 1.25  # wall seconds between speed probes (the prefill probe: every second time)
+    drift_window: int = 3  # probe samples whose median is the machine's speed now
 
 
 @dataclass(frozen=True)
@@ -384,7 +385,8 @@ def _build(cls, data: Any, source: str, lines: dict[tuple, int]) -> Scenario:
                              timing=b.get("timing", choice(TIMINGS), "cpu"),
                              interval_s=b.get("interval_s", number(0, lo_open=True), 0.25),
                              drift=b.get("drift", choice(DRIFTS), "off"),
-                             drift_interval_s=b.get("drift_interval_s", number(0, lo_open=True), 5.0))
+                             drift_interval_s=b.get("drift_interval_s", number(0, lo_open=True), 1.25),
+                             drift_window=b.get("drift_window", number(1, integer=True), 3))
     if backend.drift == "probe" and (backend.clock == "wall" or backend.timing == "modeled"):
         raise ParamError("backend.drift", "a speed probe corrects measured costs on the virtual clock; it needs "
                                           f"clock: virtual and timing: cpu or wall (got clock: {backend.clock}, "

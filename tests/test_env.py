@@ -480,6 +480,8 @@ def test_drift_probe_runs_a_real_episode_and_records_its_factors(drift_setup):
     ep = run_episode(env, make_controller("static", ctx, env.scenario.params("static")), seed=1)
     d = ep["drift"]
     assert d["probes"] >= 2 and d["calibrated_probe_s"] > 0 and 0 < d["factor_min"] <= d["factor_mean"] <= d["factor_max"]
+    # how it probed is recorded with the factors: the scenario's cadence, the default window of 3 samples
+    assert (d["interval_s"], d["window"]) == (0.001, 3) and env.backend.drift.decode.samples.maxlen == 3
     env.close()
 
 
@@ -508,6 +510,13 @@ def test_drift_probe_refuses_what_it_cannot_correct(drift_setup, tiny_scenario, 
     bad.write_text(tiny_scenario.read_text().replace("backend: {timing: modeled,", "backend: {timing: modeled, drift: probe,"))
     with pytest.raises(ScenarioError, match="backend.drift"):
         HeliosServingEnv(str(bad), backend="sim", profile=str(tiny_profile))
+    text = path.read_text()
+    for window in ("0", "2.5"):  # a median of no samples, or of half a sample
+        bad.write_text(text.replace("drift_interval_s: 0.001", f"drift_interval_s: 0.001, drift_window: {window}"))
+        with pytest.raises(ScenarioError, match="backend.drift_window"):
+            Scenario.from_yaml(bad)
+    bad.write_text(text.replace("drift_interval_s: 0.001", "drift_interval_s: 0.001, drift_window: 7"))
+    assert Scenario.from_yaml(bad).backend.drift_window == 7
 
 
 def test_drift_correction_uses_the_median_of_its_window_and_resets_per_episode():

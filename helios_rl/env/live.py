@@ -150,7 +150,8 @@ class LiveBackend:
         if self.prefill_probe.tokens != cal.get("prefill_tokens"):
             raise ValueError(f"{sc.name}: the profile's prefill probe ran {cal.get('prefill_tokens')!r} tokens, this "
                              f"backend's runs {self.prefill_probe.tokens}: re-calibrate")
-        self.drift = DriftCorrection(float(cal["s"]), calibrated_prefill_s=float(cal["prefill_s"]))
+        self.drift = DriftCorrection(float(cal["s"]), window=sc.backend.drift_window,
+                                     calibrated_prefill_s=float(cal["prefill_s"]))
         self._probed_at = -float("inf")
         self._probe_events = 0
 
@@ -375,7 +376,8 @@ class LiveBackend:
         out = episode_summary(self.ttfts, self.tpots, self.tokens, self.now, self.served, len(self.pending),
                               agreement)
         if self.drift is not None:
-            out["drift"] = self.drift.summary()
+            out["drift"] = self.drift.summary() | {"interval_s": self.scenario.backend.drift_interval_s,
+                                                   "window": self.scenario.backend.drift_window}
         return out
 
     # ------------------------------------------------------------------ memory

@@ -60,9 +60,16 @@ class DriftCorrection:
     cost's prefill part (``scale(cost, prefill=...)``) is charged by the prefill probe's own factor and the
     rest by the decode probe's: a compute-bound prefill does not slow as a decode step does. The summary then
     also says what the decode factor alone would have charged (``charged_one_factor_s``), so the two
-    corrections can be compared on the same episodes."""
+    corrections can be compared on the same episodes.
 
-    def __init__(self, calibrated_s: float, window: int = 5, calibrated_prefill_s: float | None = None) -> None:
+    How often to probe and how many samples to keep were chosen on development seeds by replaying recorded
+    probe logs (``benchmarks/drift_estimators.py``): the machine's speed moves within seconds, so a dense probe
+    and a short window (``backend.drift_interval_s`` 1.25 s, ``drift_window`` 3) charged repeats of the same
+    episode about three times more alike than one probe every 5 s and a median of 5 (pooled SD of log charged
+    seconds 0.022 -> 0.008 on the seeds it was chosen on, 0.017 -> 0.006 on two others; benchmarks/RESULTS.md,
+    issue 14)."""
+
+    def __init__(self, calibrated_s: float, window: int = 3, calibrated_prefill_s: float | None = None) -> None:
         self.decode = _Window(calibrated_s, window)
         self.prefill = _Window(calibrated_prefill_s, window) if calibrated_prefill_s is not None else None
         self.new_episode()

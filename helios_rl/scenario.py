@@ -165,7 +165,7 @@ class BackendSection:
     timing: str = "cpu"
     interval_s: float = 0.25
     drift: str = "off"  # probe: live costs corrected for the machine's speed against calibration (evaluation.probe)
-    drift_interval_s: float = 1.25  # wall seconds between speed probes (the prefill probe: every second time)
+    drift_interval_s: float = 1.25  # wall seconds between speed probes (the prefill probe: every fourth time)
     drift_window: int = 3  # probe samples whose median is the machine's speed now
 
 

@@ -1,22 +1,15 @@
 """benchmarks/drift_estimators.py: replaying a probe log with the library's estimator charges what it charged."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from helios_rl.evaluation.drift import DriftCorrection
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def est():
-    spec = importlib.util.spec_from_file_location("drift_estimators", ROOT / "benchmarks" / "drift_estimators.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("drift_estimators")
 
 
 def _episodes(rng, n=4):

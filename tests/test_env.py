@@ -481,7 +481,9 @@ def test_drift_probe_runs_a_real_episode_and_records_its_factors(drift_setup):
     d = ep["drift"]
     assert d["probes"] >= 2 and d["calibrated_probe_s"] > 0 and 0 < d["factor_min"] <= d["factor_mean"] <= d["factor_max"]
     # how it probed is recorded with the factors: the scenario's cadence, the default window of 3 samples
-    assert (d["interval_s"], d["window"]) == (0.001, 3) and env.backend.drift.decode.samples.maxlen == 3
+    assert (d["interval_s"], d["window"], d["prefill_every"]) == (0.001, 3, 4)
+    assert env.backend.drift.decode.samples.maxlen == 3
+    assert 1 <= d["prefill_probes"] <= d["probes"] // 4 + 2  # periodic prefill probes every fourth event, + forced
     env.close()
 
 

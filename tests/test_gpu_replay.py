@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from helios_rl.engine import Engine, EngineSettings, SamplingParams, ServingConfig
 from helios_rl.engine.exits import ExitReplay, map_exit_distribution
 from helios_rl.models.paper import PUBLISHED_PARAMS, meta_param_count, paper_config, paper_names, random_model
 from helios_rl.utils.nvml import open_energy_counter
 
-ROOT = Path(__file__).resolve().parents[1]
 DIST6 = [0.1, 0.3, 0.0, 0.2, 0.0, 0.4]  # over a 6-layer model (tiny OPT-1.3B has 24 // 4 layers)
 
 
@@ -122,10 +120,7 @@ def test_energy_is_none_without_cuda(tiny_opt):
 
 
 def _gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu")
 
 
 def test_gpu_benchmark_smoke_writes_a_labelled_summary(tmp_path):

@@ -1,19 +1,12 @@
 """benchmarks/adaptation_headroom.py: the clairvoyant rollout is exact policy improvement over static configs."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def headroom():
-    spec = importlib.util.spec_from_file_location("adaptation_headroom", ROOT / "benchmarks" / "adaptation_headroom.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("adaptation_headroom")
 
 
 def test_replay_reproduces_the_episode_so_far(headroom, tiny_scenario, tiny_profile):

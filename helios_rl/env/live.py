@@ -69,6 +69,10 @@ class WallClock:
 # what the live backend measures on every finished request: "all" (free-running agreement, teacher-forced
 # agreement, reference perplexity), "agreement" (the free-running agreement, and the reference perplexity only
 # where the SLO has a floor on it: what goodput and the reward read), "none" (the profile's prediction)
+# ``backend.drift: probe``: the prefill probe (a 0.33 s step on the project's VM) runs every this many probe events:
+# every 5 s at the default 1.25 s interval, the cadence chosen with the window on development seeds
+# (benchmarks/drift_estimators.py; benchmarks/RESULTS.md, issue 14)
+PREFILL_EVERY = 4
 SCORES = {True: "all", "all": "all", "agreement": "agreement", False: "none", "none": "none"}
 
 
@@ -162,7 +166,8 @@ class LiveBackend:
 
     def _maybe_probe(self, force: int = 0) -> None:
         """Probe the machine every ``drift_interval_s`` of wall time: the decode probe each time, the prefill
-        probe (a longer step) every second time; ``force``: both, that many steps each (an episode's start)."""
+        probe (a longer step) every :data:`PREFILL_EVERY`-th time; ``force``: both, that many steps each (an
+        episode's start)."""
         if self.probe is None:
             return
         if force:
@@ -171,7 +176,7 @@ class LiveBackend:
         elif time.perf_counter() - self._probed_at >= self.scenario.backend.drift_interval_s:
             self.drift.add(self.probe.step())
             self._probe_events += 1
-            if self._probe_events % 2 == 0:
+            if self._probe_events % PREFILL_EVERY == 0:
                 self.drift.add_prefill(self.prefill_probe.step())
         else:
             return
@@ -377,7 +382,8 @@ class LiveBackend:
                               agreement)
         if self.drift is not None:
             out["drift"] = self.drift.summary() | {"interval_s": self.scenario.backend.drift_interval_s,
-                                                   "window": self.scenario.backend.drift_window}
+                                                   "window": self.scenario.backend.drift_window,
+                                                   "prefill_every": PREFILL_EVERY}
         return out
 
     # ------------------------------------------------------------------ memory

@@ -64,10 +64,11 @@ class DriftCorrection:
 
     How often to probe and how many samples to keep were chosen on development seeds by replaying recorded
     probe logs (``benchmarks/drift_estimators.py``): the machine's speed moves within seconds, so a dense probe
-    and a short window (``backend.drift_interval_s`` 1.25 s, ``drift_window`` 3) charged repeats of the same
-    episode about three times more alike than one probe every 5 s and a median of 5 (pooled SD of log charged
-    seconds 0.022 -> 0.008 on the seeds it was chosen on, 0.017 -> 0.006 on two others; benchmarks/RESULTS.md,
-    issue 14)."""
+    and a short window (the decode probe every 1.25 s, ``backend.drift_interval_s``; the prefill probe every 5 s;
+    a median of the last 3 samples, ``backend.drift_window``) charged repeats of the same episode about three
+    times more alike than a decode probe every 5 s, a prefill probe every 10 s and a median of 5 (pooled SD of
+    log charged seconds 0.022 -> 0.008 on the seeds it was chosen on, 0.017 -> 0.006 on two others;
+    benchmarks/RESULTS.md, issue 14)."""
 
     def __init__(self, calibrated_s: float, window: int = 3, calibrated_prefill_s: float | None = None) -> None:
         self.decode = _Window(calibrated_s, window)

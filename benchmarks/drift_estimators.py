@@ -2,9 +2,9 @@
 
 ``benchmarks/drift_split.py --log-probes --interval I`` records, for every episode, each probe sample and each
 charged cost in the order they happened (development seeds only). This script replays those records under other
-estimators of the machine's speed: the window's median (the library's, 5 samples), longer windows, a lower
+estimators of the machine's speed: the window's median (the library's; 3 samples), longer windows, a lower
 quantile or the minimum (the probe's samples have a hard floor and right-skewed spikes), and fewer samples (every
-k-th probe event: the cadence ``backend.drift_interval_s`` would give). For each, per (method, seed), the spread
+k-th sample of each probe: the cadence a longer ``backend.drift_interval_s`` would give). For each, per (method, seed), the spread
 over repeats of the charged seconds; pooled over (method, seed) as the standard deviation of log charged seconds.
 A lower figure means the same work is charged more alike when the machine's speed differs. (The replay keeps the
 schedule the episodes ran; an estimator changes the charges, and through the clock, the schedule: what a
@@ -37,10 +37,12 @@ def _estimate(kind: str, window: list[float]) -> float:
 
 
 def replay(rows: list[dict], cal_d: float, cal_p: float, kind: str, window: int, every: int,
-           split: bool = True) -> list[float]:
+           split: bool = True, every_prefill: int | None = None) -> list[float]:
     """Charged seconds of each row's episode (rows in the order one process ran them: the window carries over
     episodes, as the library's does) under estimator ``kind`` over the last ``window`` samples, keeping every
-    ``every``-th periodic sample of each probe (an episode's forced first samples are always kept)."""
+    ``every``-th periodic decode-probe sample and every ``every_prefill``-th (default ``every``) prefill-probe
+    sample (an episode's forced first samples are always kept)."""
+    keep = {"d": every, "p": every if every_prefill is None else every_prefill}
     d: list[float] = []
     p: list[float] = []
     out = []
@@ -58,7 +60,7 @@ def replay(rows: list[dict], cal_d: float, cal_p: float, kind: str, window: int,
                 continue
             if started:  # a periodic sample: keep every ``every``-th of its kind (the cadence it would have)
                 seen[e[0]] += 1
-                if (seen[e[0]] - 1) % every:
+                if (seen[e[0]] - 1) % keep[e[0]]:
                     continue
             if e[0] == "d":
                 d.append(e[1])
@@ -92,17 +94,24 @@ def main() -> None:
     a = ap.parse_args()
     data = [json.load(open(f)) for f in a.files]
     cal = a.calibrated or (data[0]["calibrated"]["s"], data[0]["calibrated"]["prefill_s"])
-    grid = [(k, w, e, s) for k in ("median", "mean", "q25", "min") for w in (3, 5, 9, 15) for e in (1, 2, 4)
+    interval = data[0].get("interval_s")  # the recorded cadence: decode probes this often, and prefill every
+    pre = data[0].get("prefill_every", 2)  # ... this many decode probes (2 in recordings before it was recorded)
+    cadences = ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 4))  # (every k-th decode, every k-th prefill sample)
+    grid = [(k, w, c, s) for k in ("median", "mean", "q25", "min") for w in (3, 5, 9, 15) for c in cadences
             for s in (True, False)]
     results = []
-    for kind, window, every, split in grid:
+    for kind, window, (every_d, every_p), split in grid:
         rows, charged = [], []
         for dj in data:
             rows += dj["rows"]
-            charged += replay(dj["rows"], cal[0], cal[1], kind, window, every, split)
+            charged += replay(dj["rows"], cal[0], cal[1], kind, window, every_d, split, every_p)
         sd, rng = pooled(rows, charged)
-        results.append({"estimator": kind, "window": window, "every": every, "split": split,
-                        "pooled_sd_log": round(sd, 5), "max_range": round(rng, 4)})
+        results.append({"estimator": kind, "window": window, "decode_every": every_d, "prefill_every": every_p,
+                        **({"decode_s": interval * every_d, "prefill_s": pre * interval * every_p} if interval else {}),
+                        "split": split, "pooled_sd_log": round(sd, 5), "max_range": round(rng, 4)})
+    raw = pooled([r for dj in data for r in dj["rows"]], [r["measured_s"] for dj in data for r in dj["rows"]])
+    results.append({"estimator": "none (measured seconds)", "pooled_sd_log": round(raw[0], 5),
+                    "max_range": round(raw[1], 4)})
     results.sort(key=lambda r: r["pooled_sd_log"])
     print(json.dumps(results, indent=1))
 

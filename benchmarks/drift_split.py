@@ -107,6 +107,7 @@ def main() -> None:
     from helios_rl.agents.compare import run_episode
     from helios_rl.bench.trials import _context, _env, _profile
     from helios_rl.controllers import make_controller
+    from helios_rl.env.live import PREFILL_EVERY
     from helios_rl.scenario import load_scenario
     from helios_rl.seeds import dev_eval_seeds, dev_seed
 
@@ -138,7 +139,9 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "log"}), f"t={time.time() - t0:.0f}s",
                   file=sys.stderr, flush=True)
     cal = {k: v for k, v in backend.sim_profile.meta["speed_probe"].items() if k in ("s", "prefill_s")}
-    print(json.dumps({"scenario": sc.name, "seed": seed, "calibrated": cal, "rows": rows}, indent=1))
+    print(json.dumps({"scenario": sc.name, "seed": seed, "calibrated": cal,
+                      "interval_s": backend.scenario.backend.drift_interval_s, "prefill_every": PREFILL_EVERY,
+                      "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

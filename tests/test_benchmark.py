@@ -209,7 +209,9 @@ def test_the_leaderboard_reports_how_far_the_machine_drifted():
     assert "prefill passes by the prefill probe (400 ms): 0.69-1.11, median 0.90." in md(d)
     assert "probed every" not in md(d)
     # the probe's cadence and window, recorded by each episode, printed with the range; mixed settings refused
-    probed = [{**e, "interval_s": 1.25, "window": 3} for e in pre]
-    assert "probed every 1.25 s, median of the last 3)" in md(drift_range(probed))
+    probed = [{**e, "interval_s": 1.25, "window": 3, "prefill_every": 4} for e in pre]
+    assert "probed every 1.25 s, median of the last 3, the prefill probe every 4th time)" in md(drift_range(probed))
     with pytest.raises(ValueError, match="different settings"):
         drift_range(probed[:2] + [{**probed[2], "interval_s": 5.0, "window": 5}])
+    with pytest.raises(ValueError, match="different settings"):
+        drift_range(probed[:2] + [{**probed[2], "prefill_every": 2}])

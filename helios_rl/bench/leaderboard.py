@@ -149,12 +149,13 @@ def drift_range(episodes: list[dict]) -> dict | None:
            "factor_max": max(d["factor_max"] for d in episodes),
            "factor_median": float(np.median([d["factor_mean"] for d in episodes])),
            "calibrated_probe_s": episodes[0]["calibrated_probe_s"]}
-    settings = {(d.get("interval_s"), d.get("window")) for d in episodes if "window" in d}
-    if settings:  # how the episodes probed: every interval_s wall seconds, the median of the last window samples
+    settings = {(d.get("interval_s"), d.get("window"), d.get("prefill_every")) for d in episodes if "window" in d}
+    if settings:  # how the episodes probed: every interval_s wall seconds (the prefill probe every prefill_every-th
+        # time), the median of the last window samples
         if len(settings) > 1:
-            raise ValueError(f"the episodes probed the machine with different settings {sorted(settings)}: "
+            raise ValueError(f"the episodes probed the machine with different settings {sorted(settings, key=str)}: "
                              "their corrections are not one measurement")
-        out["interval_s"], out["window"] = next(iter(settings))
+        out["interval_s"], out["window"], out["prefill_every"] = next(iter(settings))
     pre = [d for d in episodes if "prefill_factor_mean" in d]
     if pre:  # the prefill probe's factors, which priced the steps' prefill passes
         out.update({"prefill_factor_min": min(d["prefill_factor_min"] for d in pre),
@@ -210,6 +211,8 @@ def markdown(board: dict) -> str:
         d = sc.get("drift")
         if d:
             how = (f"; probed every {d['interval_s']:g} s, median of the last {d['window']}" if "window" in d else "")
+            if d.get("prefill_every"):
+                how += f", the prefill probe every {d['prefill_every']}th time"
             lines.append(f"Machine speed against calibration (live costs corrected by calibrated / measured probe "
                          f"time, {d['calibrated_probe_s'] * 1000:.0f} ms at calibration{how}): factors "
                          f"{d['factor_min']:.2f}-{d['factor_max']:.2f}, median episode {d['factor_median']:.2f} "

@@ -66,13 +66,13 @@ class WallClock:
         self.t0 += seconds
 
 
-# what the live backend measures on every finished request: "all" (free-running agreement, teacher-forced
-# agreement, reference perplexity), "agreement" (the free-running agreement, and the reference perplexity only
-# where the SLO has a floor on it: what goodput and the reward read), "none" (the profile's prediction)
 # ``backend.drift: probe``: the prefill probe (a 0.33 s step on the project's VM) runs every this many probe events:
 # every 5 s at the default 1.25 s interval, the cadence chosen with the window on development seeds
 # (benchmarks/drift_estimators.py; benchmarks/RESULTS.md, issue 14)
 PREFILL_EVERY = 4
+# what the live backend measures on every finished request: "all" (free-running agreement, teacher-forced
+# agreement, reference perplexity), "agreement" (the free-running agreement, and the reference perplexity only
+# where the SLO has a floor on it: what goodput and the reward read), "none" (the profile's prediction)
 SCORES = {True: "all", "all": "all", "agreement": "agreement", False: "none", "none": "none"}
 
 

@@ -77,13 +77,12 @@ def pooled(rows: list[dict], charged: list[float]) -> tuple[float, float]:
     groups: dict = {}
     for r, c in zip(rows, charged):
         groups.setdefault((r["method"], r["seed"]), []).append(c)
-    sds, ranges = [], []
+    variances, ranges = [], []
     for v in groups.values():
         if len(v) > 1:
-            x = np.log(v)
-            sds.append(np.var(x, ddof=1))
+            variances.append(np.var(np.log(v), ddof=1))
             ranges.append(float(np.ptp(v) / np.mean(v)))
-    return float(np.sqrt(np.mean(sds))), float(max(ranges))
+    return float(np.sqrt(np.mean(variances))), float(max(ranges))
 
 
 def main() -> None:
@@ -93,6 +92,12 @@ def main() -> None:
                     help="the profile's probe times (default: read from the recorded episodes)")
     a = ap.parse_args()
     data = [json.load(open(f)) for f in a.files]
+    for f, dj in zip(a.files, data):
+        if not all("log" in r for r in dj["rows"]):
+            ap.error(f"{f}: no probe log in its episodes (record them with drift_split.py --log-probes)")
+    if a.calibrated is None and "calibrated" not in data[0]:
+        ap.error(f"{a.files[0]} does not say the profile's probe times (recorded before drift_split.py wrote "
+                 "them): give them with --calibrated DECODE_S PREFILL_S")
     cal = a.calibrated or (data[0]["calibrated"]["s"], data[0]["calibrated"]["prefill_s"])
     interval = data[0].get("interval_s")  # the recorded cadence: decode probes this often, and prefill every
     pre = data[0].get("prefill_every", 2)  # ... this many decode probes (2 in recordings before it was recorded)

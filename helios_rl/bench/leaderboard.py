@@ -165,6 +165,12 @@ def drift_range(episodes: list[dict]) -> dict | None:
     return out
 
 
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th-13th, 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def markdown(board: dict) -> str:
     lines = [f"# Leaderboard: {board['suite']}", "",
              f"- run `{board['run']}`; git {short_revision(board.get('git'))}; {board['date']}; "
@@ -212,7 +218,7 @@ def markdown(board: dict) -> str:
         if d:
             how = (f"; probed every {d['interval_s']:g} s, median of the last {d['window']}" if "window" in d else "")
             if d.get("prefill_every"):
-                how += f", the prefill probe every {d['prefill_every']}th time"
+                how += f", the prefill probe every {_ordinal(d['prefill_every'])} time"
             lines.append(f"Machine speed against calibration (live costs corrected by calibrated / measured probe "
                          f"time, {d['calibrated_probe_s'] * 1000:.0f} ms at calibration{how}): factors "
                          f"{d['factor_min']:.2f}-{d['factor_max']:.2f}, median episode {d['factor_median']:.2f} "

@@ -332,3 +332,58 @@ def test_trained_policy_serves_live_traffic_in_the_server(trained, tiny_scenario
         stats = httpx.get(f"{url}/admin/controller").json()
     assert stats["controller"].startswith("policy") and stats["decisions"] >= 2
     assert stats["fallbacks"].get("error", 0) == 0 and stats["fallbacks"].get("timeout", 0) == 0
+
+
+def test_behaviour_digest_leaves_out_a_batch_cap_that_never_bound():
+    from helios_rl.agents.compare import _behaviour_digest
+
+    def d(*tenures):
+        return _behaviour_digest([list(t) for t in tenures])
+
+    a16, a32 = ("m", 18, 16, 0.99), ("m", 18, 32, 0.99)
+    assert d((0, a16, False)) == d((0, a32, False))  # neither cap held anyone back
+    assert d((0, a16, True)) != d((0, a32, True)) != d((0, a32, False))
+    assert d((0, a16, False), (5, a32, False)) == d((0, a32, False))  # a change between unbound caps is none
+    assert d((0, a16, False), (5, a32, True)) != d((0, a32, True))  # the bound cap took over at step 5
+    assert d((0, a16, False)) != d((0, ("m", 18, 16, 0.95), False)) != d((0, ("m", 12, 16, 0.99), False))
+
+
+@pytest.mark.parametrize("backend", ["sim", "live"])
+def test_episodes_whose_batch_caps_never_bound_share_a_behaviour(backend, tiny_scenario, tiny_profile, tmp_path):
+    """Both backends report the steps at which requests waited at the batch cap: at 2 req/s nothing waits and caps
+    4 and 8 are one behaviour; at the scenario's 300 req/s cap 2 binds and is a behaviour of its own."""
+    from helios_rl.agents.compare import run_episode
+    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.static import StaticController
+    from helios_rl.env import HeliosServingEnv
+
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(tiny_scenario.read_text().replace("rate: 300.0", "rate: 2.0").replace("num_requests: 24",
+                                                                                          "num_requests: 6"))
+    out = {}
+    for name, path in (("slow", slow), ("fast", tiny_scenario)):
+        sc, ctx = _ctx(path)
+        env = HeliosServingEnv(str(path), backend=backend, profile=str(tiny_profile))
+        waits = {}
+        for cap in (2, 4, 8):
+            ctrl = StaticController(ctx, StaticParams(max_batch=cap))
+            seen = []
+            orig = env.step_config
+
+            def spy(cfg, _orig=orig, _seen=seen):
+                res = _orig(cfg)
+                _seen.append(res[4]["telemetry"]["cap_waits"])
+                return res
+
+            env.step_config = spy
+            ep = run_episode(env, ctrl, seed=11)
+            env.step_config = orig
+            assert ep["served"] == ep["requests"]
+            out[(name, cap)], waits[cap] = ep["behaviour"], sum(seen)
+        if name == "slow":
+            assert waits[4] == waits[8] == 0
+        else:
+            assert waits[2] > 0
+        env.close()
+    assert out[("slow", 4)] == out[("slow", 8)]
+    assert out[("fast", 2)] != out[("fast", 8)] and out[("fast", 2)] != out[("slow", 2)]

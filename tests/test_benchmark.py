@@ -158,6 +158,28 @@ def test_identical_serving_ranks_as_one_entry_but_a_real_flip_is_unstable():
     assert 0.009 < r["ranking_flips"][0]["largest_relative_gap"] < 0.0096  # IQMs 10.6 vs 10.5
 
 
+def test_repro_spread_is_relative_but_floored_for_a_method_near_zero():
+    """An agent at 0, 1 % and 0 of the best baseline moves by 1 % of it: its spread is measured against the
+    floor (0.01 / 0.1), not against its mean (which gives 3.0, kept as the unfloored figure); a method near the
+    baseline keeps its plain relative spread, and the worst method is named."""
+    from helios_rl.bench.leaderboard import SPREAD_FLOOR, repro
+
+    def rep(ppo, aimd):
+        return {"best_baseline": "static", "ranking": ["static", "aimd", "ppo"],
+                "methods": {"static": {"iqm": 10.0}, "aimd": {"iqm": 10 * aimd, "vs_static_iqm_ratio": aimd},
+                            "ppo": {"iqm": 10 * ppo, "vs_static_iqm_ratio": ppo}}}
+
+    r = repro([rep(0.0, 0.90), rep(0.01, 0.93), rep(0.0, 0.91)])
+    assert SPREAD_FLOOR == 0.1
+    assert abs(r["spread_by_method"]["ppo"] - 0.01 / 0.1) < 1e-9
+    assert abs(r["spread_by_method"]["aimd"] - 0.03 / (2.74 / 3)) < 1e-9
+    assert r["repro_spread_method"] == "ppo" and abs(r["repro_spread"] - 0.1) < 1e-9
+    assert abs(r["repro_spread_unfloored"] - 3.0) < 1e-9
+    r = repro([rep(0.5, 0.90), rep(0.51, 0.99), rep(0.5, 0.91)])  # ratios above the floor: plain relative spread
+    assert r["repro_spread_method"] == "aimd" and abs(r["repro_spread"] - 0.09 / (2.8 / 3)) < 1e-9
+    assert r["repro_spread"] == r["repro_spread_unfloored"]
+
+
 def test_git_revision_says_when_the_code_is_not_the_commit(tmp_path):
     import subprocess
 

@@ -33,7 +33,11 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
 
     ``behaviour`` is a digest of the configs the controller kept in force (model, depth, batch cap, exit
     setting) and the control step at which each took over: two controllers with the same digest served the
-    episode identically, so any difference between their scores is measurement noise, not a method's."""
+    episode identically, so any difference between their scores is measurement noise, not a method's. A batch
+    cap enters only where it bound while in force (requests waited with the batch at the cap, or rows were
+    preempted when it took over): a cap that never held anyone back served exactly as any other such cap (the
+    scheduler admits everything waiting either way), so a policy at cap 64 and a static config at cap 32 that
+    neither fills are one behaviour. Where it bound, its value is part of the digest."""
     from helios_rl.engine.telemetry import TelemetrySnapshot
 
     controller.reset(seed)
@@ -49,9 +53,10 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     configs = [dict(init)]
     info: dict = {}
     prev = dict(init)
-    served_as = [[0, *_config_key(init)]]  # (control step, config) at each change: the episode's behaviour
+    tenures = [[0, _config_key(init), False]]  # (control step, config, whether its cap bound) at each change
     for _ in range(max_steps):
         cfg = controller.decide(env.last_snapshot)
+        running_before = env.last_snapshot.running
         _, r, term, trunc, info = env.step_config(cfg)
         reward += r
         good += info["goodput_tokens"]
@@ -67,8 +72,10 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
             terms[k] = terms.get(k, 0.0) + v
         now = info["config"]
         key = _config_key(now)
-        if key != served_as[-1][1:]:
-            served_as.append([steps, *key])
+        if key != tenures[-1][1]:  # rows beyond the new cap were preempted: the cap bound at once
+            tenures.append([steps, key, running_before > tel.get("max_batch", key[2])])
+        if tel.get("cap_waits"):
+            tenures[-1][2] = True
         if (now["model"], now["depth"]) != (prev["model"], prev["depth"]):
             switches += 1
             configs.append({"t": env.backend.now, **now})
@@ -84,11 +91,22 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
             "agreement": agree_sum / agree_tokens if agree_tokens else None,
             "early_exit_share": early / exited_total if exited_total else 0.0,
             "agreement_source": "measured" if env.kind == "live" else "predicted", "drift": summ.get("drift"),
-            "behaviour": hashlib.sha256(json.dumps(served_as, default=float).encode()).hexdigest()[:16]}
+            "behaviour": _behaviour_digest(tenures)}
 
 
 def _config_key(cfg: dict) -> list:
     return [cfg[k] for k in ("model", "depth", "batch", "threshold")]
+
+
+def _behaviour_digest(tenures: list) -> str:
+    """The digest of an episode's configs in force (see :func:`run_episode`): a cap that never bound is left
+    out, and consecutive configs that then read the same are one."""
+    served_as: list[list] = []
+    for start, (model, depth, batch, setting), bound in tenures:
+        key = [model, depth, batch if bound else None, setting]
+        if not served_as or served_as[-1][1:] != key:
+            served_as.append([start, *key])
+    return hashlib.sha256(json.dumps(served_as, default=float).encode()).hexdigest()[:16]
 
 
 def _context(sc, env, backend: str, say):

@@ -103,19 +103,29 @@ LEADERBOARD_HEADER = ("| scenario | backend | best agent | best baseline | IQM g
                       "|---|---|---|---|---|---|")
 
 
+# A ratio's run-to-run spread is relative to its mean, but never to less than this: a method that serves under a
+# tenth of the best baseline's goodput (an agent that has not learned, say 0, 0.01, 0 of it) would otherwise
+# report a spread of 3.0 for differences of 1 % of the baseline. Fixed on 2026-12-05 before the run it was
+# first used in; ``repro_spread_unfloored`` keeps the plain relative figure beside it.
+SPREAD_FLOOR = 0.1
+
+
 def repro(per_repeat: list[dict]) -> dict:
-    """Run-to-run spread of every method's IQM ratio to the best baseline, and whether the ranking held."""
+    """Run-to-run spread of every method's IQM ratio to the best baseline (max - min over repeats, relative to
+    the mean ratio, floored at :data:`SPREAD_FLOOR`), and whether the ranking held."""
     if len(per_repeat) < 2:
         return {"repeats": len(per_repeat), "repro_spread": None, "ranking_stable": None}
-    spreads = {}
+    spreads, unfloored = {}, {}
     for m in per_repeat[0]["methods"]:
         vals = []
         for rep in per_repeat:
             b = rep["best_baseline"]
             vals.append(1.0 if m == b else rep["methods"][m].get(f"vs_{b}_iqm_ratio", float("nan")))
         vals = np.asarray(vals, dtype=float)
-        if np.all(np.isfinite(vals)) and vals.mean() > 0:
-            spreads[m] = float((vals.max() - vals.min()) / vals.mean())
+        if np.all(np.isfinite(vals)):
+            spreads[m] = float((vals.max() - vals.min()) / max(vals.mean(), SPREAD_FLOOR))
+            if vals.mean() > 0:
+                unfloored[m] = float((vals.max() - vals.min()) / vals.mean())
     strict = [tuple(r["ranking"]) for r in per_repeat]
     # methods that served identically in every repeat rank as one entry: their order is timing noise
     tied = [set(g) for g in per_repeat[0].get("same_behaviour", [])
@@ -133,7 +143,10 @@ def repro(per_repeat: list[dict]) -> dict:
             if len({p[a] < p[b] for p in pos if a in p and b in p}) > 1:
                 gaps = [abs(q[a] - q[b]) / max(abs(q[a] + q[b]) / 2, 1e-12) for q in iqms]
                 flips.append({"pair": [a, b], "largest_relative_gap": float(max(gaps))})
-    return {"repeats": len(per_repeat), "repro_spread": max(spreads.values()) if spreads else None,
+    worst = max(spreads, key=spreads.get) if spreads else None
+    return {"repeats": len(per_repeat), "repro_spread": spreads[worst] if worst else None,
+            "repro_spread_method": worst, "spread_floor": SPREAD_FLOOR,
+            "repro_spread_unfloored": max(unfloored.values()) if unfloored else None,
             "spread_by_method": spreads, "ranking_stable": all(r == rankings[0] for r in rankings),
             "ranking_flips": flips,
             "rankings": [list(r) for r in rankings], "tied_identical": [sorted(g) for g in tied],
@@ -208,9 +221,12 @@ def markdown(board: dict) -> str:
             lines += ["", f"Best agent `{st['best_agent']}` vs best baseline `{b}`: {head['value']:.3f} "
                           f"[{head['ci'][0]:.3f}, {head['ci'][1]:.3f}]: the agent {verdict}."]
         tied = rp.get("tied_identical") or []
+        spread = rp.get("repro_spread")
         lines += [f"Reproducibility over {rp.get('repeats')} repeat(s): spread "
-                  f"{rp.get('repro_spread') if rp.get('repro_spread') is None else round(rp['repro_spread'], 4)}, "
-                  f"ranking stable: {rp.get('ranking_stable')}"
+                  + ("None" if spread is None else
+                     f"{round(spread, 4)} (`{rp.get('repro_spread_method')}`; relative to the mean ratio, at least "
+                     f"{rp.get('spread_floor')}; unfloored {round(rp.get('repro_spread_unfloored') or 0.0, 4)})")
+                  + f", ranking stable: {rp.get('ranking_stable')}"
                   + (f" (methods that served identically in every repeat rank as one: "
                      f"{', '.join('='.join(g) for g in tied)}; strict order stable: {rp.get('strict_ranking_stable')})"
                      if tied else "") + "."]

@@ -136,7 +136,10 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
                                      "best_baseline": per_repeat[0]["best_baseline"],
                                      "agent_wins": per_repeat[0].get("agent_wins"),
                                      "train_seeds": cfg.train_seeds, "test_seeds": cfg.test_seeds,
-                                     "repro_spread": rp["repro_spread"], "ranking_stable": rp["ranking_stable"],
+                                     "repro_spread": rp["repro_spread"],
+                                     "repro_spread_method": rp.get("repro_spread_method"),
+                                     "repro_spread_unfloored": rp.get("repro_spread_unfloored"),
+                                     "ranking_stable": rp["ranking_stable"],
                                      "strict_ranking_stable": rp.get("strict_ranking_stable")}
     # the code each trial ran (a resumed run may span commits): the leaderboard's own `git` is only the driver's
     done = [load_result(out, t.id) for t in plan(cfg)]

@@ -458,6 +458,7 @@ class Engine:
         mj0 = self._energy.millijoules() if self._energy is not None else None
         t0 = time.perf_counter()
         self._schedule()
+        cap_wait = bool(self.waiting) and len(self.running) >= self.max_batch  # the cap (not prefill) held them
         prefill_rows = [r for r in self.running if r.needs_prefill]
         decode_rows = [r for r in self.running if not r.needs_prefill]
         counts = np.zeros(self.model.num_layers, dtype=np.int64)
@@ -529,7 +530,7 @@ class Engine:
             conf_n=stats["conf_n"], running=len(self.running), waiting=len(self.waiting), finished=finished,
             exit_mode=self.exit_mode, energy_j=energy, row_positions=self._row_positions(),
             prefill_rows=prefill_n, prefill_done=prefill_done, prefill_wall_s=prefill_wall,
-            prefill_cpu_s=prefill_cpu))
+            prefill_cpu_s=prefill_cpu, cap_wait=cap_wait))
         return events
 
     def _fail_rows(self, rows: list[Request], exc: BaseException) -> list[TokenEvent]:

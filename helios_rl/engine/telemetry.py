@@ -38,6 +38,7 @@ class StepRecord:
     prefill_done: int = 0  # of those, the ones whose prompt completed (their first token is in exit_counts)
     prefill_wall_s: float = 0.0  # the step's prefill pass alone: wall seconds (part of ``duration``)
     prefill_cpu_s: float = 0.0  # ... and process CPU seconds (the drift correction prices it apart)
+    cap_wait: bool = False  # after admission, requests waited while the running batch was at the batch cap
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TelemetrySnapshot:
     memory_peak_bytes: int = 0  # the largest footprint at any config change so far (transients included)
     switches: int = 0
     loads: int = 0
+    cap_waits: int = 0  # steps in the window at which requests waited with the batch at its cap (the cap bound)
     energy_j: float | None = None  # NVML-measured GPU joules over the window's steps (None: not measured)
     exit_mode: str = "confidence"
 
@@ -181,6 +183,7 @@ class Telemetry:
             batches = [s.decode_tokens for s in steps if s.decode_tokens]
             snap.batch_mean = float(np.mean(batches)) if batches else 0.0
             snap.batch_max = max(batches) if batches else 0
+            snap.cap_waits = sum(1 for s in steps if s.cap_wait)
             energies = [s.energy_j for s in steps if s.energy_j is not None]
             snap.energy_j = float(sum(energies)) if energies else None
         snap.requests_finished = len(reqs)

@@ -221,7 +221,7 @@ class SimBackend:
         t_end = self.now + seconds
         jitter = self.scale * (float(self.rng.lognormal(0.0, self._ms.residual_sigma))
                                if self.noise and self._ms.residual_sigma > 0 else 1.0)
-        tokens = prefill = steps = pre_tokens = 0
+        tokens = prefill = steps = pre_tokens = cap_waits = 0
         busy = 0.0
         ttfts, tpots = [], []
         met = missed = finished = met_tokens = good_tokens = 0
@@ -271,6 +271,9 @@ class SimBackend:
                 k = min(k, self._steps_for(t_end - self.now, alpha, beta, s0, n))
                 k = max(k, 1)
                 dt = k * alpha + beta * (k * s0 + n * k * (k - 1) / 2.0)
+            if n >= self.max_batch and (self.waiting or (self.next_i < self.n_req
+                                                         and self.arr_t[self.next_i] < self.now + dt)):
+                cap_waits += k if self.waiting else 1  # requests waited at the batch cap (an arrival mid-run: 1)
             # the engine stamps a token with its step's start time (the clock moves after the step)
             last_start = self.now + dt - (dt if k == 1 else alpha + beta * (s0 + n * (k - 1)))
             self.now += dt
@@ -312,6 +315,7 @@ class SimBackend:
         self.prev_end = self.now
         snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0,
                               task_tokens)
+        snap.cap_waits = cap_waits
         agreement = agree_sum / agree_tokens if agree_tokens else None
         self.agree_sum += agree_sum
         self.agree_tokens += agree_tokens

@@ -346,6 +346,12 @@ def test_behaviour_digest_leaves_out_a_batch_cap_that_never_bound():
     assert d((0, a16, False), (5, a32, False)) == d((0, a32, False))  # a change between unbound caps is none
     assert d((0, a16, False), (5, a32, True)) != d((0, a32, True))  # the bound cap took over at step 5
     assert d((0, a16, False)) != d((0, ("m", 18, 16, 0.95), False)) != d((0, ("m", 12, 16, 0.99), False))
+    # the config set at reset, replaced by the first decision before any interval was served, is no behaviour ...
+    assert d((0, ("m", 18, 64, 0.95), False), (1, a32, False)) == d((0, a16, False))
+    assert d((0, ("m", 18, 64, 0.95), False), (1, a32, True)) == d((0, a32, True))
+    # ... unless the first decision switched model or depth (a switch costs time), or came later
+    assert d((0, ("m", 12, 64, 0.95), False), (1, a32, False)) != d((0, a32, False))
+    assert d((0, ("m", 18, 64, 0.95), False), (2, a32, False)) != d((0, a32, False))
 
 
 @pytest.mark.parametrize("backend", ["sim", "live"])

@@ -100,7 +100,11 @@ def _config_key(cfg: dict) -> list:
 
 def _behaviour_digest(tenures: list) -> str:
     """The digest of an episode's configs in force (see :func:`run_episode`): a cap that never bound is left
-    out, and consecutive configs that then read the same are one."""
+    out, and consecutive configs that then read the same are one. The config set at reset serves no interval
+    when the first decision replaces it at step 1; without a model or depth switch (which costs time) it is no
+    behaviour, so a policy whose first action is best-static's config and a static controller read the same."""
+    if len(tenures) > 1 and tenures[1][0] == 1 and tenures[0][1][:2] == tenures[1][1][:2]:
+        tenures = [[0, *tenures[1][1:]], *tenures[2:]]
     served_as: list[list] = []
     for start, (model, depth, batch, setting), bound in tenures:
         key = [model, depth, batch if bound else None, setting]

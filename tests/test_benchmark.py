@@ -237,3 +237,36 @@ def test_the_leaderboard_reports_how_far_the_machine_drifted():
         drift_range(probed[:2] + [{**probed[2], "interval_s": 5.0, "window": 5}])
     with pytest.raises(ValueError, match="different settings"):
         drift_range(probed[:2] + [{**probed[2], "prefill_every": 2}])
+
+
+def test_best_static_search_covers_every_config_an_agent_can_hold(tiny_scenario, tiny_profile):
+    """The search's candidates include every action of the flat action space (so no fixed-action policy can beat
+    best-static with a cap the search skipped), and racing keeps the best of the first seed among its finalists:
+    with every point a finalist it is the brute-force best mean."""
+    from helios_rl.agents.compare import run_episode
+    from helios_rl.bench.trials import search_static, static_grid
+    from helios_rl.controllers import ControllerContext
+    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.static import StaticController
+    from helios_rl.env import HeliosServingEnv
+    from helios_rl.evaluation.profiling import ensure_repository
+    from helios_rl.evaluation.runtime import ModelLoader, Timer
+    from helios_rl.scenario import Scenario
+
+    flat = HeliosServingEnv(str(tiny_scenario), backend="sim", action_mode="flat", profile=str(tiny_profile))
+    grid = static_grid(flat, flat.backend.admissible)
+    assert {tuple(t) for t in flat.tuples} <= set(grid)
+    assert any(b == 1 for _, _, b, _ in grid)  # the smallest cap an agent can choose is searched
+    sc = Scenario.from_yaml(tiny_scenario)
+    ctx = ControllerContext.for_scenario(sc, ensure_repository(sc, ModelLoader("cpu", None, sc.exits.heads),
+                                                               Timer(sc.backend.timing)))
+    points = [StaticParams(model=m, depth=d, max_batch=b, setting=t) for m, d, b, t in grid[::3]]
+    seeds = [500_000, 500_001]
+    mean = [sum(run_episode(flat, StaticController(ctx, p), s)["goodput_tps"] for s in seeds) / 2 for p in points]
+    best, table = search_static(flat, ctx, points, seeds, finalists=len(points))
+    assert abs(best["goodput_tps"] - max(mean)) < 1e-9 and len(table) == len(points)
+    best2, table2 = search_static(flat, ctx, points, seeds, finalists=2)
+    assert sum("goodput_tps" in r for r in table2) == 2
+    top = max(range(len(points)), key=lambda i: table2[i]["screen_goodput_tps"])
+    assert "goodput_tps" in table2[top] and best2["goodput_tps"] >= table2[top]["goodput_tps"] - 1e-9
+    flat.close()

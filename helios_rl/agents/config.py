@@ -15,7 +15,8 @@ Zoo keys handled here: ``policy``, ``n_timesteps``, ``n_envs``, ``normalize`` (b
 kwargs), ``policy_kwargs`` (mapping or the Zoo's ``dict(...)`` string); the rest go to the algorithm's
 constructor. A top-level ``helios:`` mapping (ignored by the Zoo) holds this project's training
 settings: ``eval_freq``, ``eval_episodes``, ``checkpoint_freq``, ``vec_env`` (dummy | subproc),
-``horizon``, ``algo`` (overrides the file name).
+``horizon``, ``algo`` (overrides the file name), ``reward_weights`` (the environment's penalty weights over its
+defaults, ``{name: weight >= 0}``; for example all 0 to train on the scenario's objective alone).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from helios_rl.controllers.policy import ALGOS, algo_class
 ZOO_KEYS = ("policy", "n_timesteps", "n_envs", "normalize", "policy_kwargs")
 UNSUPPORTED_ZOO_KEYS = ("env_wrapper", "frame_stack", "callback", "vec_env_wrapper")
 HELIOS_DEFAULTS = {"eval_freq": 2000, "eval_episodes": 3, "checkpoint_freq": 5000, "vec_env": "dummy",
-                   "horizon": None, "algo": None}
+                   "horizon": None, "algo": None, "reward_weights": None}
 FLAT_ALGOS = ("dqn",)  # algorithms that need the Discrete (flat) action space
 
 
@@ -105,6 +106,20 @@ def load_agent(path: str | Path, backend: str = "sim", algo: str | None = None) 
                                f"known: {list(ALGOS)}")
     if helios["vec_env"] not in ("dummy", "subproc"):
         raise AgentConfigError(f"{path}: helios.vec_env must be 'dummy' or 'subproc', got {helios['vec_env']!r}")
+    if helios["reward_weights"] is not None:
+        from helios_rl.env.env import DEFAULT_WEIGHTS
+
+        rw = helios["reward_weights"]
+        if not isinstance(rw, dict):
+            raise AgentConfigError(f"{path}: helios.reward_weights: expected a mapping {{name: weight}}")
+        bad = sorted(set(rw) - set(DEFAULT_WEIGHTS))
+        if bad:
+            raise AgentConfigError(f"{path}: helios.reward_weights: unknown weight(s) {bad}; known: "
+                                   f"{sorted(DEFAULT_WEIGHTS)}")
+        for k, v in rw.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise AgentConfigError(f"{path}: helios.reward_weights.{k}: must be a number >= 0, got {v!r}")
+        helios["reward_weights"] = {k: float(v) for k, v in rw.items()}
     env_id = env_id_for(backend, name)
     if env_id not in data:
         have = [k for k in data if k != "helios"]

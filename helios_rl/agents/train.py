@@ -136,6 +136,8 @@ def train(env: str | None, agent: str | Path, seed: int = 0, backend: str = "sim
                       "action_mode": cfg.action_mode}
         if cfg.helios.get("horizon"):
             env_kwargs["horizon"] = int(cfg.helios["horizon"])
+        if cfg.helios.get("reward_weights"):  # the agent file's penalty weights (recorded with the run)
+            env_kwargs["reward_weights"] = dict(cfg.helios["reward_weights"])
         if backend == "sim":
             if profile in (None, "auto"):
                 from helios_rl.env.profile import ensure_profile

@@ -288,7 +288,7 @@ def test_bad_policies_and_agent_files_give_clear_errors(trained, tiny_scenario, 
         load_agent(tmp_path / "ppo.yaml", "sim")
 
 
-@pytest.mark.parametrize("path", sorted(AGENTS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(AGENTS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(AGENTS)))
 def test_shipped_agent_files_parse_for_both_backends(path):
     for backend in ("sim", "live"):
         cfg = load_agent(path, backend)
@@ -393,3 +393,33 @@ def test_episodes_whose_batch_caps_never_bound_share_a_behaviour(backend, tiny_s
         env.close()
     assert out[("slow", 4)] == out[("slow", 8)]
     assert out[("fast", 2)] != out[("fast", 8)] and out[("fast", 2)] != out[("slow", 2)]
+
+
+def test_agent_file_reward_weights_reach_the_training_env_and_bad_ones_are_refused(tiny_scenario, tiny_profile,
+                                                                                    tmp_path):
+    """``helios.reward_weights`` sets the environment's penalty weights for the run (recorded in its env_kwargs,
+    so a resume trains on the same reward); an unknown weight, a negative one or a non-mapping is an error naming
+    the key."""
+    from helios_rl.agents.config import AgentConfigError, load_agent
+    from helios_rl.agents.train import train
+    from helios_rl.env.env import DEFAULT_WEIGHTS, HeliosServingEnv
+
+    body = "helios_rl/Serving-Sim-v0: {policy: MlpPolicy, n_timesteps: 32, n_envs: 1, n_steps: 16}\n"
+    agent = tmp_path / "a2c.yaml"
+    agent.write_text(body + "helios: {eval_freq: 1000, eval_episodes: 1, checkpoint_freq: 1000, "
+                            "reward_weights: {agreement: 0, slo: 0}}\n")
+    m = train(str(tiny_scenario), agent, seed=0, profile=str(tiny_profile), out=tmp_path, progress=False,
+              wandb_mode="disabled")
+    kw = json.loads((Path(m["run_dir"]) / "config.json").read_text())["env_kwargs"]
+    assert kw["reward_weights"] == {"agreement": 0.0, "slo": 0.0}
+    env = HeliosServingEnv(**kw)
+    assert env.weights == {**DEFAULT_WEIGHTS, "agreement": 0.0, "slo": 0.0} != DEFAULT_WEIGHTS
+    env.close()
+    for bad, msg in (("{agrement: 0}", r"unknown weight\(s\) \['agrement'\]"),
+                     ("{slo: -1}", r"reward_weights\.slo: must be a number >= 0"),
+                     ("[0, 1]", "reward_weights: expected a mapping")):
+        f = tmp_path / "bad" / "a2c.yaml"
+        f.parent.mkdir(exist_ok=True)
+        f.write_text(body + f"helios: {{reward_weights: {bad}}}\n")
+        with pytest.raises(AgentConfigError, match=msg):
+            load_agent(f)

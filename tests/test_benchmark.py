@@ -78,6 +78,11 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
         tuned = board["scenarios"][key]["tuned_aimd"]  # searched on development seeds, recorded with its score
         prep = json.loads((out / "trials" / f"prepare__{key.split('/')[0]}.json").read_text())
         assert tuned == max(prep["tuned_aimd_grid"], key=lambda r: r["goodput_tps"])
+    # each episode keeps goodput's numerator and denominator (a rate over a closed workload can rise by ending sooner)
+    shard = json.loads(next((out / "trials").glob("eval__*live*.json")).read_text())
+    for ep in shard["episodes"].values():
+        assert ep["good_tokens"] >= 0 and ep["elapsed_s"] > 0
+        assert abs(ep["good_tokens"] / ep["elapsed_s"] - ep["goodput_tps"]) <= 1e-9 * max(1.0, ep["goodput_tps"])
         assert len({json.dumps(r["point"], sort_keys=True) for r in prep["tuned_aimd_grid"]}) > 1
         assert sc["methods"]["ppo"]["tasks"] == 2
     shards = [json.loads(p.read_text()) for p in (out / "trials").glob("eval__*.json")]

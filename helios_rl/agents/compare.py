@@ -87,6 +87,7 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
     return {"seed": seed, "reward": reward, "reward_terms": terms, "goodput_tps": good / elapsed,
             "tokens_per_s": summ["tokens_per_s"], "ttft_p95": summ["ttft_p95"], "tpot_p95": summ["tpot_p95"],
             "served": summ["served"], "requests": summ["requests"], "elapsed_s": summ["elapsed_s"], "steps": steps,
+            "good_tokens": good,  # goodput's numerator: over a closed workload, a shorter episode alone raises the rate
             "switches": switches, "configs": configs, "failure": info.get("failure"),
             "agreement": agree_sum / agree_tokens if agree_tokens else None,
             "early_exit_share": early / exited_total if exited_total else 0.0,

@@ -73,8 +73,8 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
         now = info["config"]
         key = _config_key(now)
         if key != tenures[-1][1]:  # rows beyond the new cap were preempted: the cap bound at once
-            tenures.append([steps, key, running_before > tel.get("max_batch", key[2])])
-        if tel.get("cap_waits"):
+            tenures.append([steps, key, running_before > tel["max_batch"]])
+        if tel["cap_waits"]:
             tenures[-1][2] = True
         if (now["model"], now["depth"]) != (prev["model"], prev["depth"]):
             switches += 1

@@ -123,9 +123,10 @@ def repro(per_repeat: list[dict]) -> dict:
             vals.append(1.0 if m == b else rep["methods"][m].get(f"vs_{b}_iqm_ratio", float("nan")))
         vals = np.asarray(vals, dtype=float)
         if np.all(np.isfinite(vals)):
-            spreads[m] = float((vals.max() - vals.min()) / max(vals.mean(), SPREAD_FLOOR))
-            if vals.mean() > 0:
-                unfloored[m] = float((vals.max() - vals.min()) / vals.mean())
+            width, mean = float(vals.max() - vals.min()), float(vals.mean())
+            spreads[m] = width / max(mean, SPREAD_FLOOR)
+            if mean > 0:
+                unfloored[m] = width / mean
     strict = [tuple(r["ranking"]) for r in per_repeat]
     # methods that served identically in every repeat rank as one entry: their order is timing noise
     tied = [set(g) for g in per_repeat[0].get("same_behaviour", [])

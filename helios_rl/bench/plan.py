@@ -41,7 +41,7 @@ class BenchConfig:
     repeat: int = 1
     calib_min_tokens: int = 1000
     best_static_seeds: int = 3
-    best_static_points: int = 12  # best-static search: finalists (of every config on the first seed) scored on all seeds
+    best_static_points: int = 12  # best-static search: finalists (of all configs on seed 1) scored on every seed
     agents_dir: str = "agents"
     quick: bool = False
 

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and live backends on both, calibration on 300 tokens per point; measured on a 2-core CPU: 19 "
                     "minutes, calibrations included (2026-12-04), and 45 minutes with --repeat 3 (2026-12-05, with "
                     "the denser drift probe of that day, which adds wall time to live episodes off their clock); on "
-                    "a machine half as fast, about twice that (estimated: loads are relative to its speed)). A killed run resumes: "
-                    "run the same command again.")
+                    "a machine half as fast, about twice that (estimated: loads are relative to its speed)). "
+                    "A killed run resumes: run the same command again.")
     p.add_argument("suite", help="a folder of scenario YAML files (envs/suite) or one scenario file")
     p.add_argument("--out", required=True, help="benchmark folder (trials, runs, leaderboard)")
     p.add_argument("--quick", action="store_true", help="the reduced configuration described above")

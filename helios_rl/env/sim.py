@@ -314,8 +314,7 @@ class SimBackend:
         self.served += finished
         self.prev_end = self.now
         snap = self._snapshot(t0, tokens, pre_tokens, prefill, steps, ttfts, tpots, finished, self.next_i - arrivals0,
-                              task_tokens)
-        snap.cap_waits = cap_waits
+                              task_tokens, cap_waits)
         agreement = agree_sum / agree_tokens if agree_tokens else None
         self.agree_sum += agree_sum
         self.agree_tokens += agree_tokens
@@ -359,7 +358,8 @@ class SimBackend:
         return (float(a), float(ok)) if self.noise else (float(np.mean(a)), float(np.mean(ok)))
 
     def _snapshot(self, t0: float, tokens: int, pre_tokens: int, prefill: int, steps: int, ttfts, tpots,
-                  finished: int, arrivals: int, task_tokens: np.ndarray | None = None) -> TelemetrySnapshot:
+                  finished: int, arrivals: int, task_tokens: np.ndarray | None = None,
+                  cap_waits: int = 0) -> TelemetrySnapshot:
         ms = self._ms
         window = max(self.now - t0, 1e-9)
         dec = tokens - pre_tokens
@@ -388,7 +388,7 @@ class SimBackend:
             tokens_per_s=tokens / window, requests_finished=finished, arrivals=arrivals,
             ttft_p50=tt[0], ttft_p95=tt[1], ttft_p99=tt[2], tpot_p50=tp[0], tpot_p95=tp[1], tpot_p99=tp[2],
             resident_bytes=self.weight_bytes + self.kv_bytes, weight_bytes=self.weight_bytes, kv_bytes=self.kv_bytes,
-            budget_bytes=self.budget, switches=self.switches, loads=self.loads)
+            budget_bytes=self.budget, switches=self.switches, loads=self.loads, cap_waits=cap_waits)
 
     def summary(self) -> dict:
         agreement = self.agree_sum / self.agree_tokens if self.agree_tokens else None

@@ -78,11 +78,15 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
         tuned = board["scenarios"][key]["tuned_aimd"]  # searched on development seeds, recorded with its score
         prep = json.loads((out / "trials" / f"prepare__{key.split('/')[0]}.json").read_text())
         assert tuned == max(prep["tuned_aimd_grid"], key=lambda r: r["goodput_tps"])
-    # each episode keeps goodput's numerator and denominator (a rate over a closed workload can rise by ending sooner)
+    # the score divides the good tokens by the seed's SLO window, the same for every method (a rate over the
+    # episode's own length, kept beside it, can rise by ending sooner)
     shard = json.loads(next((out / "trials").glob("eval__*live*.json")).read_text())
+    assert len({ep["slo_window_s"] for ep in shard["episodes"].values()}) == 1
     for ep in shard["episodes"].values():
-        assert ep["good_tokens"] >= 0 and ep["elapsed_s"] > 0
-        assert abs(ep["good_tokens"] / ep["elapsed_s"] - ep["goodput_tps"]) <= 1e-9 * max(1.0, ep["goodput_tps"])
+        assert ep["good_tokens"] >= 0 and ep["elapsed_s"] > 0 and ep["slo_window_s"] > 0
+        assert abs(ep["good_tokens"] / ep["slo_window_s"] - ep["goodput_tps"]) <= 1e-9 * max(1.0, ep["goodput_tps"])
+        assert abs(ep["good_tokens"] / ep["elapsed_s"] - ep["goodput_elapsed_tps"]) <= 1e-9 * max(
+            1.0, ep["goodput_elapsed_tps"])
         assert len({json.dumps(r["point"], sort_keys=True) for r in prep["tuned_aimd_grid"]}) > 1
         assert sc["methods"]["ppo"]["tasks"] == 2
     shards = [json.loads(p.read_text()) for p in (out / "trials").glob("eval__*.json")]
@@ -92,7 +96,10 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
 
     assert sum(board["trial_revisions"].values()) == len(list((out / "trials").glob("*.json")))
     assert all(s["git"] == git_revision() for s in shards)
-    assert (out / "leaderboard.md").read_text().startswith("# Leaderboard")
+    md = (out / "leaderboard.md").read_text()
+    assert md.startswith("# Leaderboard") and "| good share |" in md
+    medians = board["scenarios"]["a/live"]["episode_medians"]
+    assert set(medians) == set(sc["methods"]) and all(0 <= m["good_token_share"] <= 1 for m in medians.values())
     assert all((out / p).stat().st_size > 1000 for p in board["plots"])
     live = [s for s in shards if s["backend"] == "live"]
     assert live and all(e["agreement_source"] == "measured" for s in live for e in s["episodes"].values()

@@ -583,3 +583,33 @@ def test_the_environment_resolves_arrival_rates_relative_to_capacity(tiny_scenar
     env.close()
     with pytest.raises(ValueError, match="workload.rate_unit"):
         SimBackend(prof, declared, EpisodeWorkload(declared))
+
+
+def test_goodput_divides_by_a_window_the_workload_fixes_not_by_the_episode(tiny_scenario, tiny_profile):
+    """The score's denominator is the seed's SLO window (latest arrival + TTFT target + (max new tokens - 1) x
+    TPOT target over its requests), whatever a method serves: two configs that finish the trace at different
+    times share it, so their scores stand in the ratio of their good tokens, not of their episode lengths."""
+    from helios_rl.agents.compare import run_episode
+    from helios_rl.controllers import ControllerContext
+    from helios_rl.controllers.params import StaticParams
+    from helios_rl.controllers.static import StaticController
+    from helios_rl.evaluation.profiling import ensure_repository
+    from helios_rl.evaluation.runtime import ModelLoader, Timer
+
+    env = HeliosServingEnv(str(tiny_scenario), backend="sim", profile=str(tiny_profile))
+    slo = env.scenario.slo
+    want = max(r.arrival_s + slo.ttft_s + max(r.max_new_tokens - 1, 0) * slo.tpot_s for r in env.workload.requests(3))
+    assert env.slo_window_s(3) == pytest.approx(want) and env.slo_window_s(3) != pytest.approx(env.slo_window_s(4))
+    sc = env.scenario
+    ctx = ControllerContext.for_scenario(sc, ensure_repository(sc, ModelLoader("cpu", None, sc.exits.heads),
+                                                               Timer(sc.backend.timing)))
+    model = sc.models[0]
+    eps = [run_episode(env, StaticController(ctx, StaticParams(model=model, depth=env.backend.num_layers[model],
+                                                               max_batch=b, setting=None)), 3) for b in (1, 8)]
+    assert eps[0]["elapsed_s"] != pytest.approx(eps[1]["elapsed_s"])  # batch 1 finishes the trace later
+    assert eps[0]["slo_window_s"] == eps[1]["slo_window_s"] == pytest.approx(want)
+    for ep in eps:
+        assert ep["goodput_tps"] == pytest.approx(ep["good_tokens"] / want)
+        assert ep["goodput_elapsed_tps"] == pytest.approx(ep["good_tokens"] / ep["elapsed_s"])
+        assert 0.0 <= ep["good_token_share"] <= 1.0
+    env.close()

@@ -6,8 +6,10 @@ Every method is a controller (``policy:<run>`` via :mod:`helios_rl.controllers.p
 engine or simulator) and scored by the same reward function. Workload seeds start at
 :data:`~helios_rl.env.env.HELDOUT_SEED_BASE`, which training never draws.
 
-Per episode: reward, goodput (output tokens/s of requests that met the SLO's TTFT and TPOT while the
-config in force met the agreement floor), throughput, TTFT/TPOT p95, switches. Per method: IQM of
+Per episode: reward, goodput (output tokens of requests that met the SLO's TTFT and TPOT and the quality floors,
+per second of the workload's SLO window: :meth:`~helios_rl.env.env.HeliosServingEnv.slo_window_s`, fixed by the
+workload seed and the SLO, so the score is proportional to the good tokens served), goodput over the episode's own
+length beside it (not the score: a shorter episode alone raises it), throughput, TTFT/TPOT p95, switches. Per method: IQM of
 goodput with a 95 % stratified-bootstrap CI, the ratio of IQMs to ``helios`` with its CI, and the
 probability of improvement over ``helios`` (:mod:`helios_rl.agents.stats`).
 """
@@ -84,10 +86,16 @@ def run_episode(env, controller, seed: int, max_steps: int = 100_000) -> dict[st
             break
     summ = info.get("episode_summary") or env.backend.summary()
     elapsed = summ["elapsed_s"] or 1e-9
-    return {"seed": seed, "reward": reward, "reward_terms": terms, "goodput_tps": good / elapsed,
+    window = env.slo_window_s(seed)
+    out_tokens = summ.get("output_tokens") or 0
+    return {"seed": seed, "reward": reward, "reward_terms": terms,
+            "goodput_tps": good / window,  # the score: good tokens over the workload's SLO window (fixed per seed)
+            "slo_window_s": window, "good_tokens": good,
+            # over the episode's own length: gameable on a closed workload (a shorter episode alone raises it)
+            "goodput_elapsed_tps": good / elapsed,
+            "good_token_share": good / out_tokens if out_tokens else 0.0,  # of the tokens served, the share served well
             "tokens_per_s": summ["tokens_per_s"], "ttft_p95": summ["ttft_p95"], "tpot_p95": summ["tpot_p95"],
             "served": summ["served"], "requests": summ["requests"], "elapsed_s": summ["elapsed_s"], "steps": steps,
-            "good_tokens": good,  # goodput's numerator: over a closed workload, a shorter episode alone raises the rate
             "switches": switches, "configs": configs, "failure": info.get("failure"),
             "agreement": agree_sum / agree_tokens if agree_tokens else None,
             "early_exit_share": early / exited_total if exited_total else 0.0,
@@ -227,8 +235,11 @@ def compare(env: str | None, policies: list[str], baselines: list[str], seeds: i
                "wall_s": round(wall, 1), "machine": machine_info(), "git": git_revision(),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "timing": sc.backend.timing,
                "slo": slo,
-               "metric": "goodput_tps: output tokens/s of requests meeting the SLO (TTFT, TPOT) and the quality "
-               "floors (free-running agreement >= slo.agreement_floor, measured on live, predicted on sim)"}
+               "metric": "goodput_tps: output tokens of requests meeting the SLO (TTFT, TPOT) and the quality "
+               "floors (free-running agreement >= slo.agreement_floor, measured on live, predicted on sim), per "
+               "second of the workload's SLO window (slo_window_s: latest arrival + TTFT target + (max new tokens "
+               "- 1) x TPOT target; fixed per seed). goodput_elapsed_tps: the same tokens per second of the "
+               "episode's own length (not the score: on a closed workload a shorter episode alone raises it)"}
     results = _clean(results)
     results["plots"] = [p.name for p in plot_compare(results, out)]
     atomic_write_json(out / "results.json", results)

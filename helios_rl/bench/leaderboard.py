@@ -1,7 +1,11 @@
 """From finished evaluation shards to the leaderboard: statistics per scenario and backend, tables, plots.
 
-The score is episode goodput (output tokens per second of requests that met the SLO and the quality
-floors). Per scenario, backend and repeat, each method's scores form a ``(runs, test seeds)`` matrix
+The score is goodput over the workload's SLO window: output tokens of requests that met the SLO and the quality
+floors, per second of the window in which any of the seed's requests could still meet the SLO (latest arrival +
+TTFT target + (max new tokens - 1) x TPOT target; fixed by the workload and the SLO, the same for every method).
+It is proportional to the good tokens served. Goodput over the episode's own length is printed beside it, and is
+not the score: on a closed workload a method raises it by finishing the requests that miss their targets fast and
+badly. Per scenario, backend and repeat, each method's scores form a ``(runs, test seeds)`` matrix
 (a trained agent has one run per training seed; a baseline one); see :mod:`helios_rl.agents.stats`.
 """
 
@@ -25,6 +29,25 @@ def score_matrices(shards: list[dict], methods: dict[str, int]) -> dict[str, np.
     for method, runs in methods.items():
         out[method] = np.array([[by_seed[sd][f"{method}#{r}"][METRIC] for sd in seeds] for r in range(runs)])
     return out
+
+
+# what the score leaves out, per method (median over its episodes): the share of the tokens served that were served
+# well, goodput over the episode's own length, and throughput; with their formats
+EPISODE_MEDIANS = {"good_token_share": "{:.3f}", "goodput_elapsed_tps": "{:.2f}", "tokens_per_s": "{:.2f}"}
+
+
+def episode_medians(shards: list[dict], methods: dict[str, int]) -> dict[str, dict[str, float | None]]:
+    """``{method: {field: median over its episodes}}`` for :data:`EPISODE_MEDIANS` (None where no episode has it)."""
+    out = {}
+    for method, runs in methods.items():
+        eps = [s["episodes"][f"{method}#{r}"] for s in shards for r in range(runs)]
+        vals = {k: [e[k] for e in eps if e.get(k) is not None] for k in EPISODE_MEDIANS}
+        out[method] = {k: float(np.median(v)) if v else None for k, v in vals.items()}
+    return out
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def same_behaviour(shards: list[dict], methods: dict[str, int]) -> list[list[str]]:
@@ -194,8 +217,12 @@ def markdown(board: dict) -> str:
              f"- {board['config']['train_seeds']} training seeds (runs) x {board['config']['test_seeds']} test "
              f"seeds (>= 1,000,000, never used for training or tuning); repeats: {board['config']['repeat']}"
              + (" (QUICK configuration)" if board['config'].get('quick') else ""),
-             "- score: goodput (tok/s of requests meeting the SLO and the quality floors); IQM with 95 % CIs "
-             "(stratified bootstrap over runs; ratios paired over test seeds, rliable's protocol)", ""]
+             "- score: goodput over the workload's SLO window (tokens of requests meeting the SLO and the quality "
+             "floors, per second of the window in which the seed's requests could meet it: fixed per seed, so "
+             "proportional to the good tokens served); IQM with 95 % CIs (stratified bootstrap over runs; ratios "
+             "paired over test seeds, rliable's protocol). `good share`: median share of the tokens served that were "
+             "served well; `own-length goodput`: median good tokens per second of the episode's own length (not "
+             "the score: a shorter episode alone raises it)", ""]
     for key, sc in board["scenarios"].items():
         lines += [f"## {key}", "", f"SLO: {sc.get('slo')}", ""]
         for label, k in (("best-static", "best_static"), ("tuned-aimd", "tuned_aimd")):
@@ -204,8 +231,9 @@ def markdown(board: dict) -> str:
                              + ", ".join(f"{n}={v}" for n, v in sc[k]["point"].items() if v is not None)
                              + f"; {sc[k]['goodput_tps']:.2f} tok/s there")
         lines.append("")
-        lines += ["| method | runs | IQM goodput | 95 % CI | vs best baseline | 95 % CI | P(improve) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| method | runs | IQM goodput | 95 % CI | vs best baseline | 95 % CI | P(improve) | good share | "
+                  "own-length goodput | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        side = sc.get("episode_medians") or {}
         st = sc["stats"]
         b = st["best_baseline"]
         for m in st["ranking"]:
@@ -214,7 +242,8 @@ def markdown(board: dict) -> str:
             lines.append(f"| {m}{' (best baseline)' if m == b else ''} | {r['runs']} | {r['iqm']:.2f} | "
                          f"[{r['iqm_ci'][0]:.2f}, {r['iqm_ci'][1]:.2f}] | "
                          + (f"{ratio:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {r[f'prob_improvement_vs_{b}']:.2f} |"
-                            if ratio is not None else "1 | - | - |"))
+                            if ratio is not None else "1 | - | - |")
+                         + "".join(f" {_fmt(side.get(m, {}).get(k), f)} |" for k, f in EPISODE_MEDIANS.items()))
         head = st.get("best_agent_vs_best_baseline_iqm")
         rp = sc.get("repro", {})
         if head:

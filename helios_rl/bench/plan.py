@@ -44,6 +44,9 @@ class BenchConfig:
     best_static_points: int = 12  # best-static search: finalists (of all configs on seed 1) scored on every seed
     agents_dir: str = "agents"
     quick: bool = False
+    # the score's definition: 2 = goodput over the workload's SLO window (2026-12-05); 1 (unrecorded) was goodput
+    # over the episode's own length. Part of the fingerprint, so a run scored one way never resumes the other's.
+    score_version: int = 2
 
     def __post_init__(self) -> None:
         bad = [b for b in self.baselines if b not in BASELINES]

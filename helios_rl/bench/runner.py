@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from helios_rl.bench.leaderboard import drift_range, markdown, plots, repro, same_behaviour, scenario_stats, score_matrices
+from helios_rl.bench.leaderboard import (drift_range, episode_medians, markdown, plots, repro, same_behaviour,
+                                        scenario_stats, score_matrices)
 from helios_rl.bench.plan import BenchConfig, Trial, plan
 from helios_rl.bench.trials import load_result, run_trial
 from helios_rl.utils.io import atomic_write_json, atomic_write_text
@@ -113,7 +114,7 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
         name = Path(sc).stem
         prep = load_result(out, f"prepare/{name}") or {}
         for backend in cfg.backends:
-            per_repeat, workers, drift = [], set(), []
+            per_repeat, workers, drift, medians = [], set(), [], None
             for r in range(cfg.repeat):
                 shards = [load_result(out, t.id) for t in plan(cfg)
                           if t.kind == "eval" and t.scenario == sc and t.backend == backend and t.repeat == r]
@@ -121,6 +122,8 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
                     continue
                 workers |= {s["worker"]["host"] for s in shards}
                 drift += [ep["drift"] for s in shards for ep in s["episodes"].values() if ep.get("drift")]
+                if medians is None:
+                    medians = episode_medians(shards, methods)
                 per_repeat.append(scenario_stats(score_matrices(shards, methods), list(cfg.agents),
                                                  list(cfg.baselines), groups=same_behaviour(shards, methods)))
             if not per_repeat:
@@ -129,7 +132,8 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
             rp = repro(per_repeat)
             board["scenarios"][key] = {"stats": per_repeat[0], "repro": rp, "slo": prep.get("slo"),
                                        "best_static": prep.get("best_static"), "tuned_aimd": prep.get("tuned_aimd"),
-                                       "workers": sorted(workers), "drift": drift_range(drift)}
+                                       "workers": sorted(workers), "drift": drift_range(drift),
+                                       "episode_medians": medians}
             head = per_repeat[0].get("best_agent_vs_best_baseline_iqm") or {}
             board["summary"][key] = {"best_agent_vs_best_baseline_iqm": head.get("value"), "ci": head.get("ci"),
                                      "best_agent": per_repeat[0]["best_agent"],

@@ -315,6 +315,19 @@ class HeliosServingEnv(gym.Env):
         raw["progress"] = self._served / max(self._total, 1)
         return obs, raw
 
+    def slo_window_s(self, seed: int) -> float:
+        """Seconds from the episode's start within which every good token of workload ``seed`` is served: the
+        latest over its requests of arrival + ``slo.ttft_s`` + (max new tokens - 1) x ``slo.tpot_s``. A request
+        that meets the SLO finishes by then, so the window is fixed by the workload and the SLO, not by how fast
+        a method serves; goodput over it is proportional to the good tokens served. (Goodput over the episode's
+        own length is not: on a closed workload, serving the requests that will miss their targets fast and
+        badly shortens the episode and raises that rate without serving one more request well.)"""
+        arr, _, new = self.workload.arrays(seed)
+        if not len(arr):
+            raise ValueError(f"workload seed {seed} of {self.scenario.name!r} has no requests")
+        slo = self.scenario.slo
+        return float(np.max(arr + slo.ttft_s + np.maximum(new - 1, 0) * slo.tpot_s))
+
     def action_masks(self) -> np.ndarray:
         """Flat bool mask (MaskablePPO convention: the dimensions' masks concatenated)."""
         return self.codec.masks(self._cfg or self._initial())

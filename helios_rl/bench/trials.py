@@ -241,7 +241,8 @@ def _eval(spec: dict, cfg: dict, out: Path) -> dict:
         episodes[f"{method}#{run}"] = {k: ep[k] for k in ("goodput_tps", "reward", "tokens_per_s", "ttft_p95",
                                                           "tpot_p95", "served", "requests", "switches", "agreement",
                                                           "agreement_source", "failure", "behaviour", "drift",
-                                                          "good_tokens", "elapsed_s")}
+                                                          "good_tokens", "elapsed_s", "slo_window_s",
+                                                          "goodput_elapsed_tps", "good_token_share")}
     return {"scenario": name, "backend": spec["backend"], "seed": spec["seed"], "repeat": spec["repeat"],
             "timing": env.scenario.backend.timing if spec["backend"] == "live" else "sim",
             "order": [f"{m}#{r}" for m, r, _ in order], "episodes": episodes}

@@ -252,7 +252,8 @@ def test_fidelity_compares_the_goodput_both_backends_score_on_one_config_sequenc
     for side in ("live", "sim"):
         s = c[side]
         assert 0 <= s["goodput_tokens"] <= s["output_tokens"]
-        assert s["goodput_tps"] == pytest.approx(s["goodput_tokens"] / s["elapsed_s"])
+        assert s["goodput_tps"] == pytest.approx(s["goodput_tokens"] / s["slo_window_s"])
+    assert c["live"]["slo_window_s"] == c["sim"]["slo_window_s"] > 0  # fixed by the workload, not by the backend
     assert c["rel_err"]["goodput"] == pytest.approx(rel_err(c["sim"]["goodput_tps"], c["live"]["goodput_tps"]))
     assert c["live"]["goodput_tokens"] < c["live"]["output_tokens"], "the floor fails some served requests"
 

@@ -68,6 +68,13 @@ def test_evaluate_end_to_end_writes_results_and_is_reproducible(tmp_path, scenar
             assert key in m, (name, key)
         assert m["reference_ppl"] > 1.0
         assert m["served"] == 10
+    # goodput divides by the workload's SLO window, the same for every controller (not by each one's makespan)
+    ms = data["controllers"]
+    assert len({m["slo_window_s"] for m in ms.values()}) == 1
+    for m in ms.values():
+        good = round(m["slo_attainment"] * m["served"])
+        assert m["goodput_rps"] == pytest.approx(good / m["slo_window_s"])
+        assert m["goodput_rps_makespan"] == pytest.approx(good / m["makespan_s"])
     assert (out / "results.md").read_text().startswith("# Evaluation: tiny")
     for png in ("throughput.png", "latency_cdf.png", "exit_layers.png", "config_timeline.png"):
         assert (out / png).stat().st_size > 1000

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.telemetry import TelemetrySnapshot
 
@@ -115,6 +117,19 @@ def episode_summary(ttfts: list[float], tpots: list[float], tokens: int, elapsed
             "tpot_p95": percentile(tpots, 95), "ttft_p50": percentile(ttfts, 50), "tpot_p50": percentile(tpots, 50),
             "output_tokens": tokens, "elapsed_s": elapsed_s, "served": served, "requests": total,
             "agreement": agreement}
+
+
+def slo_window_s(workload, seed: int, slo) -> float:
+    """Seconds from the episode's start within which every good token of workload ``seed`` is served: the latest
+    over its requests of arrival + ``slo.ttft_s`` + (max new tokens - 1) x ``slo.tpot_s``. A request that meets
+    the SLO finishes by then, so the window is fixed by the workload and the SLO, not by how fast a method serves;
+    goodput over it is proportional to the good tokens served. (Goodput over the episode's own length is not: on a
+    closed workload, serving the requests that will miss their targets fast and badly shortens the episode and
+    raises that rate without serving one more request well.)"""
+    arr, _, new = workload.arrays(seed)
+    if not len(arr):
+        raise ValueError(f"workload seed {seed} has no requests: the SLO window is undefined")
+    return float(np.max(arr + slo.ttft_s + np.maximum(new - 1, 0) * slo.tpot_s))
 
 
 def admissible_table(settings, model) -> list[int]:

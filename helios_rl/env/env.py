@@ -36,7 +36,7 @@ from gymnasium import spaces
 from helios_rl.engine.config import ServingConfig
 from helios_rl.scenario import exit_setting
 from helios_rl.seeds import TEST_SEED_BASE
-from helios_rl.env.backend import Interval
+from helios_rl.env.backend import Interval, slo_window_s
 from helios_rl.env.spaces import DEFAULT_THRESHOLDS, EXIT_BUCKETS, ActionCodec, ObservationBuilder, build_spec  # noqa: F401
 
 DEFAULT_WEIGHTS = {"breach": 0.5, "agreement": 1.0, "slo": 0.5, "switch": 0.5, "adjusted": 0.05, "failure": 10.0}
@@ -316,17 +316,9 @@ class HeliosServingEnv(gym.Env):
         return obs, raw
 
     def slo_window_s(self, seed: int) -> float:
-        """Seconds from the episode's start within which every good token of workload ``seed`` is served: the
-        latest over its requests of arrival + ``slo.ttft_s`` + (max new tokens - 1) x ``slo.tpot_s``. A request
-        that meets the SLO finishes by then, so the window is fixed by the workload and the SLO, not by how fast
-        a method serves; goodput over it is proportional to the good tokens served. (Goodput over the episode's
-        own length is not: on a closed workload, serving the requests that will miss their targets fast and
-        badly shortens the episode and raises that rate without serving one more request well.)"""
-        arr, _, new = self.workload.arrays(seed)
-        if not len(arr):
-            raise ValueError(f"workload seed {seed} of {self.scenario.name!r} has no requests")
-        slo = self.scenario.slo
-        return float(np.max(arr + slo.ttft_s + np.maximum(new - 1, 0) * slo.tpot_s))
+        """The seconds within which every good token of workload ``seed`` is served, fixed by the workload and the
+        SLO (:func:`helios_rl.env.backend.slo_window_s`): the denominator of the score's goodput."""
+        return slo_window_s(self.workload, seed, self.scenario.slo)
 
     def action_masks(self) -> np.ndarray:
         """Flat bool mask (MaskablePPO convention: the dimensions' masks concatenated)."""

@@ -3,7 +3,8 @@
 A controller (static, helios, random) drives the live backend, one ``decide`` per control interval;
 the configs it applied, interval by interval, are then replayed on the simulator (no controller:
 the same action sequence). Episode throughput, TTFT p95, TPOT p95 and goodput (what a leaderboard
-scores: tokens of requests meeting the SLO and the quality floors, per second) are compared as relative
+scores: tokens of requests meeting the SLO and the quality floors, per second of the workload's SLO window,
+the same on both backends) are compared as relative
 errors ``|sim - live| / live``; agreement (free-running, measured on live, predicted by the
 simulator) as the absolute difference.
 """
@@ -44,13 +45,17 @@ def drive_controller(backend, controller, interval_s: float, seed: int, max_inte
                 backend.apply(cfg)
             except ValueError:
                 seq[-1] = None  # the engine rejected it: the replay keeps the config too
-    return _with_goodput(backend.summary(), good), seq
+    return _with_goodput(backend, seed, good), seq
 
 
-def _with_goodput(summary: dict, good_tokens: float) -> dict:
-    """The summary with the episode's goodput: tokens of requests meeting the SLO and the quality floors."""
-    return {**summary, "goodput_tokens": float(good_tokens),
-            "goodput_tps": good_tokens / summary["elapsed_s"] if summary.get("elapsed_s") else 0.0}
+def _with_goodput(backend, seed: int, good_tokens: float) -> dict:
+    """The backend's summary with the episode's goodput: tokens of requests meeting the SLO and the quality floors,
+    per second of the seed's SLO window (:func:`~helios_rl.env.backend.slo_window_s`)."""
+    from helios_rl.env.backend import slo_window_s
+
+    window = slo_window_s(backend.workload, seed, backend.scenario.slo)
+    return {**backend.summary(), "goodput_tokens": float(good_tokens), "slo_window_s": window,
+            "goodput_tps": good_tokens / window}
 
 
 def replay_configs(backend, seq: list[ServingConfig | None], interval_s: float, seed: int,
@@ -68,7 +73,7 @@ def replay_configs(backend, seq: list[ServingConfig | None], interval_s: float, 
                 backend.apply(cfg)
             except ValueError:
                 pass
-    return _with_goodput(backend.summary(), good)
+    return _with_goodput(backend, seed, good)
 
 
 def rel_err(sim: float, live: float) -> float:

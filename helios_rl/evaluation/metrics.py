@@ -4,8 +4,12 @@ Times are virtual seconds (measured compute; see :mod:`.runtime`). Definitions:
 
 * ``tokens_per_s`` / ``requests_per_s``: output tokens (requests) served over the makespan, first
   arrival to last finish.
-* ``goodput_rps``: requests per second that met the SLO (TTFT <= ``slo.ttft_s`` and TPOT <=
-  ``slo.tpot_s``); ``slo_attainment`` is their share.
+* ``goodput_rps`` / ``goodput_tokens_per_s``: requests (output tokens) that met the SLO (TTFT <= ``slo.ttft_s``
+  and TPOT <= ``slo.tpot_s``) per second of the workload's SLO window: first arrival to the latest moment any
+  request could still meet the SLO (its arrival + ``ttft_s`` + (max new tokens - 1) x ``tpot_s``). The window is
+  fixed by the workload and the SLO, so these are proportional to what was served well; over the makespan
+  (``goodput_rps_makespan``, printed beside) a controller that finishes the requests it will miss fast and badly
+  shortens the run and raises the rate without serving one more request well. ``slo_attainment`` is their share.
 * ``batch_mean`` / ``batch_max``: rows per decode step actually run; ``batch_cap_max``: the largest
   batch cap in force (what the budget admitted for the chosen config).
 * ``resident_*``: weights + KV held, time-weighted mean and peak.
@@ -31,6 +35,19 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def slo_window_s(requests: list, slo: SLO) -> float:
+    """Seconds from the first arrival to the latest moment any of ``requests`` could still meet ``slo`` (its
+    arrival + ``ttft_s`` + (max new tokens - 1) x ``tpot_s``): the goodput window, the same for every controller
+    on a workload (see the module docstring)."""
+    if not requests:
+        raise ValueError("no requests: the SLO window is undefined")
+    missing = [r.request_id for r in requests if r.max_new_tokens is None]
+    if missing:
+        raise ValueError(f"requests {missing[:3]} carry no max_new_tokens: the SLO window cannot be computed")
+    t0 = min(r.arrival for r in requests)
+    return max(r.arrival + slo.ttft_s + max(r.max_new_tokens - 1, 0) * slo.tpot_s for r in requests) - t0
+
+
 def run_metrics(res: ReplayResult, slo: SLO, accuracy: Accuracy | None = None) -> dict[str, Any]:
     """Metrics of one replay; ``accuracy`` when the output was scored against the full models."""
     served = [r for r in res.requests if r.error is None and r.finish is not None]
@@ -46,8 +63,10 @@ def run_metrics(res: ReplayResult, slo: SLO, accuracy: Accuracy | None = None) -
     ttft = [r.ttft for r in served if r.ttft is not None]
     tpot = [r.tpot for r in served if r.tpot is not None]
     lat = [r.latency for r in served]
+    window = slo_window_s(res.requests, slo)
     out.update(makespan_s=span, output_tokens=tokens, tokens_per_s=tokens / span, requests_per_s=len(served) / span,
-               goodput_rps=len(ok) / span, goodput_tokens_per_s=sum(r.output_tokens for r in ok) / span,
+               slo_window_s=window, goodput_rps=len(ok) / window,
+               goodput_tokens_per_s=sum(r.output_tokens for r in ok) / window, goodput_rps_makespan=len(ok) / span,
                slo_attainment=len(ok) / len(served) if served else float("nan"))
     for name, vals in (("ttft", ttft), ("tpot", tpot), ("latency", lat)):
         for q in (50, 95, 99):

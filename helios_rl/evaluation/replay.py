@@ -42,6 +42,7 @@ class RequestOutcome:
     preemptions: int = 0
     error: str | None = None
     text: str | None = None  # the output text the user got (scored by the reference model)
+    max_new_tokens: int | None = None  # what the request asked for (bounds when it could still meet the SLO)
 
     @property
     def ttft(self) -> float | None:
@@ -95,7 +96,8 @@ def replay(scenario: Scenario, controller: Controller, requests: list[RequestSpe
                                measure=first.measure, target=first.target))
     meter = EnergyMeter(scenario.evaluation.cpu_watts_per_core)  # serving only: not the initial load
     wall0 = time.perf_counter()
-    outcomes = {r.request_id: RequestOutcome(r.request_id, r.task, r.arrival_s, format_prompt(r)) for r in requests}
+    outcomes = {r.request_id: RequestOutcome(r.request_id, r.task, r.arrival_s, format_prompt(r),
+                                              max_new_tokens=r.max_new_tokens) for r in requests}
     timeline: list[dict] = []
     _sample(timeline, engine, controller, clock.now, "start")
     interval = scenario.backend.interval_s

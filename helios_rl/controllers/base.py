@@ -63,6 +63,17 @@ class SLO:
     def resolved(self) -> bool:
         return not self.relative
 
+    def window_end_s(self, arrivals, max_new_tokens) -> float:
+        """The latest moment any of these requests (arrival times, max new tokens) could still meet this SLO: the
+        max of arrival + ``ttft_s`` + (max new tokens - 1) x ``tpot_s``. Goodput divides by the window up to here,
+        which the workload fixes, not how fast a method serves (see :func:`helios_rl.env.backend.slo_window_s`)."""
+        import numpy as np
+
+        arr, new = np.asarray(arrivals, dtype=float), np.asarray(max_new_tokens, dtype=float)
+        if not arr.size:
+            raise ValueError("no requests: the SLO window is undefined")
+        return float(np.max(arr + self.ttft_s + np.maximum(new - 1, 0) * self.tpot_s))
+
 
 @dataclass
 class ControllerContext:

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from helios_rl.engine.config import ServingConfig
 from helios_rl.engine.telemetry import TelemetrySnapshot
 
@@ -129,7 +127,7 @@ def slo_window_s(workload, seed: int, slo) -> float:
     arr, _, new = workload.arrays(seed)
     if not len(arr):
         raise ValueError(f"workload seed {seed} has no requests: the SLO window is undefined")
-    return float(np.max(arr + slo.ttft_s + np.maximum(new - 1, 0) * slo.tpot_s))
+    return slo.window_end_s(arr, new)
 
 
 def admissible_table(settings, model) -> list[int]:

@@ -44,8 +44,8 @@ def slo_window_s(requests: list, slo: SLO) -> float:
     missing = [r.request_id for r in requests if r.max_new_tokens is None]
     if missing:
         raise ValueError(f"requests {missing[:3]} carry no max_new_tokens: the SLO window cannot be computed")
-    t0 = min(r.arrival for r in requests)
-    return max(r.arrival + slo.ttft_s + max(r.max_new_tokens - 1, 0) * slo.tpot_s for r in requests) - t0
+    return slo.window_end_s([r.arrival for r in requests], [r.max_new_tokens for r in requests]) - min(
+        r.arrival for r in requests)
 
 
 def run_metrics(res: ReplayResult, slo: SLO, accuracy: Accuracy | None = None) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, save_tiny, save_word_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is several times faster than two (no sync overhead)
+
+
+# Tests keep what they calibrate and profile (tiny models' profiles and exit statistics) out of the user's cache:
+# the cache root is a temporary folder for the session. The expensive, content-addressed parts (converted bundled
+# models, their GGUF files, kernel-plan timings, the locks that guard them) are linked from the user's cache, so
+# the marked real-model tests do not convert the bundled models again on every run.
+_SHARED_CACHE = ("models", "gguf", "kernels", "locks")
+
+
+def _test_cache_root() -> Path:
+    from helios_rl.utils.paths import cache_dir
+
+    user = cache_dir()  # $HELIOS_RL_CACHE or the user's cache dir, as the package would use
+    root = Path(tempfile.mkdtemp(prefix="helios_rl-test-cache-"))
+    for name in _SHARED_CACHE:
+        (user / name).mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(user / name, target_is_directory=True)
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # removes the links, never what they point to
+    return root
+
+
+os.environ["HELIOS_RL_CACHE"] = str(_test_cache_root())  # set before any test (and Ray worker) starts
 
 
 @pytest.fixture(scope="session")

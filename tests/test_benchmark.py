@@ -190,6 +190,8 @@ def test_repro_spread_is_relative_but_floored_for_a_method_near_zero():
     r = repro([rep(0.5, 0.90), rep(0.51, 0.99), rep(0.5, 0.91)])  # ratios above the floor: plain relative spread
     assert r["repro_spread_method"] == "aimd" and abs(r["repro_spread"] - 0.09 / (2.8 / 3)) < 1e-9
     assert r["repro_spread"] == r["repro_spread_unfloored"]
+    r = repro([rep(0.5, 0.9)] * 3)  # every ratio repeated exactly: a spread of 0 names no method
+    assert r["repro_spread"] == 0.0 and r["repro_spread_method"] is None and r["ranking_stable"]
 
 
 def test_git_revision_says_when_the_code_is_not_the_commit(tmp_path):

@@ -168,7 +168,10 @@ def repro(per_repeat: list[dict]) -> dict:
                 gaps = [abs(q[a] - q[b]) / max(abs(q[a] + q[b]) / 2, 1e-12) for q in iqms]
                 flips.append({"pair": [a, b], "largest_relative_gap": float(max(gaps))})
     worst = max(spreads, key=spreads.get) if spreads else None
-    return {"repeats": len(per_repeat), "repro_spread": spreads[worst] if worst else None,
+    spread = spreads[worst] if worst else None
+    if spread == 0.0:
+        worst = None  # every ratio repeated exactly: no method is the worst
+    return {"repeats": len(per_repeat), "repro_spread": spread,
             "repro_spread_method": worst, "spread_floor": SPREAD_FLOOR,
             "repro_spread_unfloored": max(unfloored.values()) if unfloored else None,
             "spread_by_method": spreads, "ranking_stable": all(r == rankings[0] for r in rankings),
@@ -252,10 +255,14 @@ def markdown(board: dict) -> str:
                           f"[{head['ci'][0]:.3f}, {head['ci'][1]:.3f}]: the agent {verdict}."]
         tied = rp.get("tied_identical") or []
         spread = rp.get("repro_spread")
-        lines += [f"Reproducibility over {rp.get('repeats')} repeat(s): spread "
-                  + ("None" if spread is None else
-                     f"{round(spread, 4)} (`{rp.get('repro_spread_method')}`; relative to the mean ratio, at least "
-                     f"{rp.get('spread_floor')}; unfloored {round(rp.get('repro_spread_unfloored') or 0.0, 4)})")
+        if spread is None:
+            what = "not measured (one repeat; `--repeat 3` measures it)"
+        else:
+            who = (f"`{rp['repro_spread_method']}`" if rp.get("repro_spread_method")
+                   else "every method's ratio repeated exactly")
+            what = (f"{round(spread, 4)} ({who}; relative to the mean ratio, at least {rp.get('spread_floor')}; "
+                    f"unfloored {round(rp.get('repro_spread_unfloored') or 0.0, 4)})")
+        lines += [f"Reproducibility over {rp.get('repeats')} repeat(s): spread {what}"
                   + f", ranking stable: {rp.get('ranking_stable')}"
                   + (f" (methods that served identically in every repeat rank as one: "
                      f"{', '.join('='.join(g) for g in tied)}; strict order stable: {rp.get('strict_ranking_stable')})"

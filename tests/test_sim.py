@@ -148,6 +148,44 @@ def test_without_noise_goodput_is_the_expected_share_of_requests_meeting_the_flo
     assert 0 < g < total and float(g).is_integer()
 
 
+def test_a_request_meets_the_floor_or_not_under_every_batch_cap_alike():
+    """Common random numbers: which calibrated request a simulated request is depends on the seed and the
+    request, not on the config, so configs of equal quality that differ only in the batch cap (or change it
+    mid-episode, preempting rows) serve the same requests well; another seed deals other requests. Before,
+    every draw came from one stream and a different cap re-dealt them (the simulator ranked equal configs
+    apart on noise)."""
+    prof = _profile(sigma=0.2)  # step-time jitter on: its draws must not shift the quality draws either
+    prof.models["m"].exits["4:0.900"]["request_agreements"] = [1.0, 0.5, 1.0, 0.2, 1.0]
+    sc = _scenario()
+    sc.slo = SLO(ttft_s=100.0, tpot_s=100.0, agreement_floor=0.9)  # every request meets the SLO
+
+    def passes(seed: int, batch: int, later: ServingConfig | None = None) -> dict[int, float]:
+        sim = SimBackend(prof, sc, _workload)
+        seen: dict[int, float] = {}
+        quality = sim._quality
+
+        def record(task, tokens, floor, max_ppl, req=0):
+            a, ok = quality(task, tokens, floor, max_ppl, req)
+            seen[req] = ok
+            return a, ok
+
+        sim._quality = record
+        sim.reset(seed, ServingConfig(model="m", depth=4, max_batch=batch, threshold=0.9))
+        k = 0
+        while not sim.finished:
+            sim.advance(0.02)
+            k += 1
+            if k == 3 and later is not None:
+                sim.apply(later)
+        return seen
+
+    base = passes(0, 8)
+    assert sorted(base) == list(range(40)) and 0 < sum(base.values()) < 40  # some pass, some fail
+    assert passes(0, 2) == base and passes(0, 16) == base
+    assert passes(0, 16, later=ServingConfig(max_batch=1)) == base  # rows preempted and re-admitted keep theirs
+    assert passes(1, 8) != base
+
+
 def test_step_features_count_each_pass_and_the_rows_every_layer_and_head_runs():
     # decode rows leaving at layers 0, 2, 3 (2, 1, 3 of them); exit heads at layers 0 and 2
     decode = step_features(4, np.array([2, 0, 1, 3]), [0, 2], 10.0)

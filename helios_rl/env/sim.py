@@ -15,6 +15,16 @@ task-mix or length shift changes what the simulator predicts, and
 goodput counts a request only if it meets the SLO and the quality floors, as on the live backend.
 The step-time model uses the config's exit distribution over all tasks. Seeded noise: step-time jitter at the fit's residual, and
 multinomial exit counts; ``randomize`` scales the step-time model per episode (domain randomisation).
+
+The noise that decides the score is drawn as *common random numbers*: each request of a seed is one of its task's
+calibrated requests (the calibration serves the same prompts, in the same order, at every config point), chosen
+by a uniform number fixed per (seed, request) and independent of the config, and the k-th interval's step-time
+jitter is fixed per (seed, k). Two configs on one seed are therefore compared on the same requests and the same
+machine noise: a request that fails the agreement floor at a config fails it under every config that serves it
+that way, whatever the batch cap or the order requests finished in. (Before 2026-12-05 every draw came from one
+stream, so changing only the batch cap re-dealt which requests failed the floor: on shift-v4's test seeds SmolLM2 at full depth and the 0.99 target served 0.78-0.91 of its
+tokens well at cap 8 and 0.86-0.93 at cap 16, every request meeting the SLO at both, so the simulator ranked two
+configs of equal quality 8 % apart on noise.)
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ class SimBackend:
 
     def reset(self, seed: int, config: ServingConfig) -> None:
         self.rng = np.random.default_rng(seed)
+        # common random numbers (module docstring): streams of their own, so no config changes what they deal
+        self._jitter_rng = np.random.default_rng([seed, 1])
         arr, ptok, newtok = self.workload(seed)
         self.arr_t, self.ptok, self.newtok = arr.tolist(), ptok.tolist(), newtok.tolist()
         tasks = self.workload.tasks(seed) if hasattr(self.workload, "tasks") else ["all"] * len(arr)
@@ -63,6 +75,7 @@ class SimBackend:
         self.task_of = [self.task_names.index(t) for t in tasks]
         self.run_tasks = np.zeros(len(self.task_names), dtype=np.int64)
         self.n_req = len(arr)
+        self.quality_u = np.random.default_rng([seed, 2]).random(self.n_req)  # which calibrated request each is
         self.next_i = 0
         self.now = 0.0
         # Rows are kept relative to G, the number of decode steps the batch has taken: a row admitted
@@ -70,11 +83,12 @@ class SimBackend:
         # steps is just G += k (no per-row update); a heap of ends gives the next finish.
         self.G = 0
         self.tok_loaded = False
-        self.running: dict[int, list] = {}  # id -> [end, base, arrival, first, ntok_off, needs_prefill, task]
+        # id -> [end, base, arrival, first, ntok_off, needs_prefill, task, request index]
+        self.running: dict[int, list] = {}
         self.heap: list[tuple[int, int]] = []
         self.sum_base = 0
         self.pre_ids: list[int] = []
-        self.waiting: deque = deque()  # [rem, ctx, arrival, first, ntok, task]
+        self.waiting: deque = deque()  # [rem, ctx, arrival, first, ntok, task, request index]
         self._ids = 0
         self.ttfts: list[float] = []
         self.tpots: list[float] = []
@@ -140,11 +154,11 @@ class SimBackend:
         self.max_batch = max(1, min(adm, batch or adm))
         while len(self.running) > self.max_batch:  # preempt the newest rows; they resume by re-prefill
             rid = next(reversed(self.running))
-            end, base, arrival, first, off, _, task = self.running.pop(rid)
+            end, base, arrival, first, off, _, task, req = self.running.pop(rid)
             self.sum_base -= base
             self.run_tasks[task] -= 1
             G = self.G
-            self.waiting.appendleft([end - G, base + G, arrival, first, off + G, task])
+            self.waiting.appendleft([end - G, base + G, arrival, first, off + G, task, req])
         self.pre_ids = [i for i in self.pre_ids if i in self.running]
         key = (model, depth, threshold)
         if key not in self._derived:
@@ -184,7 +198,7 @@ class SimBackend:
             self.tok_loaded = True  # the engine tokenizes a request on arrival
         while self.next_i < self.n_req and arr[self.next_i] <= now:
             i = self.next_i
-            self.waiting.append([self.newtok[i], self.ptok[i], arr[i], math.nan, 0, self.task_of[i]])
+            self.waiting.append([self.newtok[i], self.ptok[i], arr[i], math.nan, 0, self.task_of[i], i])
             self.next_i += 1
 
     def _admit(self) -> None:
@@ -192,7 +206,7 @@ class SimBackend:
         budget, n = self.max_prefill, 0
         G = self.G
         while self.waiting and n < free:
-            rem, ctx, arrival, first, ntok, task = self.waiting[0]
+            rem, ctx, arrival, first, ntok, task, req = self.waiting[0]
             if n and ctx > budget:
                 break
             self.waiting.popleft()
@@ -200,7 +214,7 @@ class SimBackend:
             n += 1
             rid = self._ids
             self._ids += 1
-            self.running[rid] = [G + rem, ctx - G, arrival, first, ntok - G, True, task]
+            self.running[rid] = [G + rem, ctx - G, arrival, first, ntok - G, True, task, req]
             self.run_tasks[task] += 1
             heapq.heappush(self.heap, (G + rem, rid))
             self.sum_base += ctx - G
@@ -219,7 +233,7 @@ class SimBackend:
     def advance(self, seconds: float) -> Interval:
         t0 = self.prev_end
         t_end = self.now + seconds
-        jitter = self.scale * (float(self.rng.lognormal(0.0, self._ms.residual_sigma))
+        jitter = self.scale * (float(self._jitter_rng.lognormal(0.0, self._ms.residual_sigma))
                                if self.noise and self._ms.residual_sigma > 0 else 1.0)
         tokens = prefill = steps = pre_tokens = cap_waits = 0
         busy = 0.0
@@ -301,7 +315,7 @@ class SimBackend:
                     ok = ok and tpot <= slo_tpot
                 met, missed, finished = met + ok, missed + (not ok), finished + 1
                 met_tokens += nt if ok else 0
-                a, passes = self._quality(row[6], nt, floor, max_ppl)
+                a, passes = self._quality(row[6], nt, floor, max_ppl, row[7])
                 agree_sum, agree_tokens = agree_sum + a * nt, agree_tokens + nt
                 if ok:
                     good_tokens += nt * passes
@@ -334,10 +348,12 @@ class SimBackend:
         bits = np.array([[c == "1" for c in m[:K]] for m in matches], dtype=np.int64)
         return np.concatenate((np.zeros((n, 1), dtype=np.int64), np.cumsum(bits, axis=1)), axis=1)
 
-    def _quality(self, task: int, tokens: int, floor: float, max_ppl: float | None) -> tuple[float, float]:
+    def _quality(self, task: int, tokens: int, floor: float, max_ppl: float | None,
+                 req: int = 0) -> tuple[float, float]:
         """A finishing request's free-running agreement under the config in force, and whether it meets the
         quality floors (agreement, and the reference perplexity where calibrated). With noise: one of its
-        task's measured requests, drawn (passes 1 or 0). Without: the mean over them, and the *share* of
+        task's measured requests, the one request ``req``'s common random number picks (the same calibrated
+        prompt under every config; passes 1 or 0). Without: the mean over them, and the *share* of
         them that meets the floors, so goodput is the noisy simulator's expectation (one mean agreement
         for every request would pass or fail them all at once). Where the profile recorded token-by-token
         matches, agreement is over the request's first ``tokens`` tokens (what a request of this length
@@ -346,7 +362,7 @@ class SimBackend:
         _, _, mean, draws, ppl, hits = self.task_stats[task]
         if not len(draws):
             return float(mean), float(mean >= floor)
-        rows = slice(None) if not self.noise else int(self.rng.integers(len(draws)))
+        rows = slice(None) if not self.noise else min(int(self.quality_u[req] * len(draws)), len(draws) - 1)
         if hits is None:
             a = draws[rows]
         else:

@@ -13,7 +13,11 @@ and on development seeds only (never test seeds),
   Bertsekas' rollout algorithm). It sees the future workload and the simulator's noise, which no agent
   does, so its gain over the hindsight best static is an optimistic estimate of what adaptation can buy
   on the scenario (with the static configs as base policies it cannot do worse than the hindsight best
-  static on a seed; the script checks this).
+  static on a seed; the script checks this). Since `d707ddc` the simulator draws that noise as common random
+  numbers (which calibrated request each request is, each interval's step-time jitter: fixed per seed, not
+  per config), so the rollout can no longer re-deal which requests fail the quality floor by changing only
+  the batch cap. The figures before it (shift-v4 1.090, memory-v4 1.041, azure 1.037, exit-lever 1.026) were
+  that: with the draws held the rollout changes nothing on any suite scenario (1.000 on all six).
 
 The candidates are every feasible (model, loaded depth, batch cap, exit setting) of the agents' action
 space (``action_mode="flat"``), or the leaderboard's best-static grid with ``--candidates grid``. The score is

@@ -164,7 +164,7 @@ def test_a_request_meets_the_floor_or_not_under_every_batch_cap_alike():
         seen: dict[int, float] = {}
         quality = sim._quality
 
-        def record(task, tokens, floor, max_ppl, req=0):
+        def record(task, tokens, floor, max_ppl, req):
             a, ok = quality(task, tokens, floor, max_ppl, req)
             seen[req] = ok
             return a, ok

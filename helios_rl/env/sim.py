@@ -22,9 +22,9 @@ by a uniform number fixed per (seed, request) and independent of the config, and
 jitter is fixed per (seed, k). Two configs on one seed are therefore compared on the same requests and the same
 machine noise: a request that fails the agreement floor at a config fails it under every config that serves it
 that way, whatever the batch cap or the order requests finished in. (Before 2026-12-05 every draw came from one
-stream, so changing only the batch cap re-dealt which requests failed the floor: on shift-v4's test seeds SmolLM2 at full depth and the 0.99 target served 0.78-0.91 of its
-tokens well at cap 8 and 0.86-0.93 at cap 16, every request meeting the SLO at both, so the simulator ranked two
-configs of equal quality 8 % apart on noise.)
+stream, so changing only the batch cap re-dealt which requests failed the floor: on shift-v4's test seeds SmolLM2
+at full depth and the 0.99 target served 0.78-0.91 of its tokens well at cap 8 and 0.86-0.93 at cap 16, every
+request meeting the SLO at both, so the simulator ranked two configs of equal quality 8 % apart on noise.)
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class SimBackend:
         self.task_of = [self.task_names.index(t) for t in tasks]
         self.run_tasks = np.zeros(len(self.task_names), dtype=np.int64)
         self.n_req = len(arr)
-        self.quality_u = np.random.default_rng([seed, 2]).random(self.n_req)  # which calibrated request each is
+        self._quality_u = np.random.default_rng([seed, 2]).random(self.n_req)  # which calibrated request each is
         self.next_i = 0
         self.now = 0.0
         # Rows are kept relative to G, the number of decode steps the batch has taken: a row admitted
@@ -349,7 +349,7 @@ class SimBackend:
         return np.concatenate((np.zeros((n, 1), dtype=np.int64), np.cumsum(bits, axis=1)), axis=1)
 
     def _quality(self, task: int, tokens: int, floor: float, max_ppl: float | None,
-                 req: int = 0) -> tuple[float, float]:
+                 req: int) -> tuple[float, float]:
         """A finishing request's free-running agreement under the config in force, and whether it meets the
         quality floors (agreement, and the reference perplexity where calibrated). With noise: one of its
         task's measured requests, the one request ``req``'s common random number picks (the same calibrated
@@ -362,7 +362,7 @@ class SimBackend:
         _, _, mean, draws, ppl, hits = self.task_stats[task]
         if not len(draws):
             return float(mean), float(mean >= floor)
-        rows = slice(None) if not self.noise else min(int(self.quality_u[req] * len(draws)), len(draws) - 1)
+        rows = slice(None) if not self.noise else min(int(self._quality_u[req] * len(draws)), len(draws) - 1)
         if hits is None:
             a = draws[rows]
         else:

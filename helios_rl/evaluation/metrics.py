@@ -44,8 +44,8 @@ def slo_window_s(requests: list, slo: SLO) -> float:
     missing = [r.request_id for r in requests if r.max_new_tokens is None]
     if missing:
         raise ValueError(f"requests {missing[:3]} carry no max_new_tokens: the SLO window cannot be computed")
-    return slo.window_end_s([r.arrival for r in requests], [r.max_new_tokens for r in requests]) - min(
-        r.arrival for r in requests)
+    arrivals = [r.arrival for r in requests]
+    return slo.window_end_s(arrivals, [r.max_new_tokens for r in requests]) - min(arrivals)
 
 
 def run_metrics(res: ReplayResult, slo: SLO, accuracy: Accuracy | None = None) -> dict[str, Any]:

@@ -385,6 +385,36 @@ def test_every_precision_target_has_its_own_calibrated_exits(tuned):
     assert eng.config.threshold == 0.5  # a refused target leaves the config as it was
 
 
+def test_target_one_serves_every_token_at_the_last_layer_on_tuned_heads(tuned, tmp_path):
+    """Precision target 1 is no early exit: the text and exit layers of exits switched off, where the
+    lowest calibrated target exits early on the same prompts; exit heads cannot calibrate it."""
+    from helios_rl.exits.heads_io import parse_targets
+    from helios_rl.models.heads import NO_EXIT
+
+    _, model, manifest = tuned
+    assert model.heads.target(1.0) is NO_EXIT and model.heads.target(1) is NO_EXIT
+    prompts = [[3, 9, 4, 1], [12, 5, 7], [2, 2, 8, 30, 11]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    def serve(**knob):
+        eng = Engine(model, EngineSettings(max_batch=3, max_model_len=64))
+        eng.apply(ServingConfig(**knob))
+        eng.generate(prompts, params)
+        reqs = list(eng.requests.values())
+        return [r.output_ids for r in reqs], [l for r in reqs for l in r.exit_layers], eng
+
+    out_one, layers_one, eng = serve(target=1.0)
+    assert eng._policy.layers == frozenset() and eng.config.target == 1.0
+    out_off, layers_off, _ = serve(exit_layers=(), threshold=1.0)
+    assert out_one == out_off and set(layers_one) == set(layers_off) == {model.num_layers - 1}
+    _, layers_low, _ = serve(target=min(float(t) for t in manifest["targets"]))
+    assert min(layers_low) < model.num_layers - 1, "the test must compare against a target that exits early"
+    with pytest.raises(ExitHeadsError, match="reserved: target 1 means no early exit"):
+        parse_targets({"1.0": {"layers": [], "thresholds": {}}}, tmp_path / "manifest.json")
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\).*\[1\.0\]"):
+        tune_exits(model, _settings(targets=(0.9, 1.0)), data=_data(), progress=False, save=False)
+
+
 def test_a_target_on_a_model_without_calibrated_exits_serves_without_exits(tiny_dirs):
     from helios_rl.engine import Engine, EngineSettings, ServingConfig
 

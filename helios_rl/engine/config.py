@@ -25,7 +25,8 @@ class ServingConfig:
       model's own final layer at that rate on held-out text). It names both the exit layers and
       their thresholds, as ``tune-exits`` calibrated them for the target, so it means the same on
       every model; it replaces ``exit_layers`` and ``threshold``. A model without calibrated
-      targets serves a target without early exits.
+      targets serves a target without early exits. Target 1.0 is no early exit on every model
+      (only the final layer is sure to agree with itself).
     """
 
     model: str | None = None

@@ -224,7 +224,10 @@ def parse_targets(section: dict, mfile: Path) -> dict[float, ExitTarget]:
             t = float(key)
         except ValueError:
             raise ExitHeadsError(f"{mfile}: precision target {key!r} is not a number") from None
-        if not 0.0 < t <= 1.0 or not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+        if t == 1.0:
+            raise ExitHeadsError(f"{mfile}: precision target {key!r} is reserved: target 1 means no early exit on every "
+                                 f"model and cannot be calibrated")
+        if not 0.0 < t < 1.0 or not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
             raise ExitHeadsError(f"{mfile}: bad precision target entry {key!r}")
         thr = parse_thresholds({"by_measure": spec.get("thresholds", {})}, mfile)
         layers = tuple(sorted(int(x) for x in spec["layers"]))

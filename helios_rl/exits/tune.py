@@ -239,6 +239,10 @@ def tune_exits(model, settings: TuneSettings | None = None, data: TokenData | No
     attached to ``model`` (``model.heads``) afterwards.
     """
     s = settings or TuneSettings()
+    bad = [t for t in (*s.targets, s.target) if not 0.0 < t < 1.0]
+    if bad:
+        raise ValueError(f"precision targets to calibrate must lie in (0, 1), got {bad} (target 1 means no early "
+                         f"exit and needs no calibration)")
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     t0 = time.perf_counter()

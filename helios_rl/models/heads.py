@@ -97,6 +97,9 @@ class ExitTarget:
     served: dict = field(default_factory=dict)  # free-running / teacher-forced agreement of served tokens
 
 
+NO_EXIT = ExitTarget(1.0, (), {})  # precision target 1.0: no early exit (every token runs to the last loaded layer)
+
+
 class ExitHeads:
     """Per-layer exit heads over one model's shared LM head.
 
@@ -128,12 +131,19 @@ class ExitHeads:
         return Readout(full=self.logits(layer, h))
 
     def target(self, target: float) -> ExitTarget:
-        """The calibrated exits for precision ``target`` (ValueError naming the calibrated ones)."""
+        """The calibrated exits for precision ``target`` (ValueError naming the calibrated ones).
+
+        Target 1.0 is :data:`NO_EXIT` on every model: only the final layer agrees with itself at rate 1
+        on text no calibration saw, so the one way to promise it is not to exit (and to pay for no exit
+        head). Exit heads cannot calibrate it (:func:`helios_rl.exits.heads_io.parse_targets` refuses it)."""
+        if abs(float(target) - 1.0) < 1e-9:
+            return NO_EXIT
         for t, spec in self.targets.items():
             if abs(t - float(target)) < 1e-9:
                 return spec
         have = ", ".join(f"{t:g}" for t in sorted(self.targets)) or "none (no trained exit heads)"
-        raise ValueError(f"precision target {target:g} is not calibrated for these exit heads (calibrated: {have})")
+        raise ValueError(f"precision target {target:g} is not calibrated for these exit heads (calibrated: {have}; "
+                         f"1 means no early exit)")
 
     def has_trained(self, layer: int) -> bool:
         return layer in self.adapters

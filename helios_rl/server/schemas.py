@@ -189,7 +189,8 @@ class ConfigOverride(BaseModel):
     exit_layers: list[int] | None = None
     measure: Literal["max_prob", "margin", "entropy"] | None = None
     target: float | None = Field(None, gt=0.0, le=1.0,
-                                 description="a calibrated precision target (names exit layers and thresholds)")
+                                 description="a calibrated precision target (names exit layers and thresholds); "
+                                             "1.0: no early exit")
     pin: bool | None = None
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from helios_rl.exits.heads import TunedExitHeads, new_adapter
-from helios_rl.models.heads import CONFIDENCE_MEASURES, ExitTarget
+from helios_rl.models.heads import CONFIDENCE_MEASURES, ExitTarget, is_no_exit
 from helios_rl.utils.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "helios_rl.exit_heads/1"
@@ -224,7 +224,7 @@ def parse_targets(section: dict, mfile: Path) -> dict[float, ExitTarget]:
             t = float(key)
         except ValueError:
             raise ExitHeadsError(f"{mfile}: precision target {key!r} is not a number") from None
-        if t == 1.0:
+        if is_no_exit(t):
             raise ExitHeadsError(f"{mfile}: precision target {key!r} is reserved: target 1 means no early exit on every "
                                  f"model and cannot be calibrated")
         if not 0.0 < t < 1.0 or not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):

@@ -30,7 +30,7 @@ from helios_rl.exits.data import (Features, TokenData, build_token_data, choose_
 from helios_rl.exits.heads import TunedExitHeads, new_adapter
 from helios_rl.exits.heads_io import describe, parse_targets, read_manifest, save_exit_heads
 from helios_rl.exits.profile import target_agreement
-from helios_rl.models.heads import CONFIDENCE_MEASURES, confidence
+from helios_rl.models.heads import CONFIDENCE_MEASURES, confidence, is_no_exit
 from helios_rl.utils.provenance import command_line, git_revision, package_versions
 
 TARGETS = (0.99, 0.95, 0.9, 0.8)  # precision targets calibrated by default, each with its own exit layers
@@ -239,7 +239,7 @@ def tune_exits(model, settings: TuneSettings | None = None, data: TokenData | No
     attached to ``model`` (``model.heads``) afterwards.
     """
     s = settings or TuneSettings()
-    bad = [t for t in (*s.targets, s.target) if not 0.0 < t < 1.0]
+    bad = [t for t in (*s.targets, s.target) if is_no_exit(t) or not 0.0 < t < 1.0]
     if bad:
         raise ValueError(f"precision targets to calibrate must lie in (0, 1), got {bad} (target 1 means no early "
                          f"exit and needs no calibration)")

@@ -100,6 +100,11 @@ class ExitTarget:
 NO_EXIT = ExitTarget(1.0, (), {})  # precision target 1.0: no early exit (every token runs to the last loaded layer)
 
 
+def is_no_exit(target: float) -> bool:
+    """Whether precision ``target`` is :data:`NO_EXIT`'s (1.0), which no exit heads calibrate."""
+    return abs(float(target) - NO_EXIT.target) < 1e-9
+
+
 class ExitHeads:
     """Per-layer exit heads over one model's shared LM head.
 
@@ -136,7 +141,7 @@ class ExitHeads:
         Target 1.0 is :data:`NO_EXIT` on every model: only the final layer agrees with itself at rate 1
         on text no calibration saw, so the one way to promise it is not to exit (and to pay for no exit
         head). Exit heads cannot calibrate it (:func:`helios_rl.exits.heads_io.parse_targets` refuses it)."""
-        if abs(float(target) - 1.0) < 1e-9:
+        if is_no_exit(target):
             return NO_EXIT
         for t, spec in self.targets.items():
             if abs(t - float(target)) < 1e-9:

@@ -98,6 +98,9 @@ def test_a_tiny_suite_runs_on_ray_and_resumes_after_a_kill(tiny_suite, tmp_path)
     assert all(s["git"] == git_revision() for s in shards)
     md = (out / "leaderboard.md").read_text()
     assert md.startswith("# Leaderboard") and "| good share |" in md
+    windows = board["scenarios"]["a/live"]["repro"]["repeat_windows"]
+    assert [w["repeat"] for w in windows] == [0, 1] and all(w["finished_first"] <= w["finished_last"] for w in windows)
+    assert "Repeats ran r0 " in md
     medians = board["scenarios"]["a/live"]["episode_medians"]
     assert set(medians) == set(sc["methods"]) and all(0 <= m["good_token_share"] <= 1 for m in medians.values())
     assert all((out / p).stat().st_size > 1000 for p in board["plots"])
@@ -117,6 +120,33 @@ def test_another_configuration_cannot_resume_into_the_same_folder(tiny_suite, tm
     cfg = BenchConfig(scenarios=suite_scenarios(suite), agents=("ppo",), train_seeds=1, test_seeds=1)
     with pytest.raises(ValueError, match="another configuration"):
         run_benchmark(cfg, out, str(suite))
+
+
+def test_a_larger_repeat_extends_a_finished_run_with_only_the_repeats_it_lacks(tiny_suite, tmp_path):
+    from dataclasses import replace
+
+    from helios_rl.bench.plan import BenchConfig, plan, suite_scenarios
+    from helios_rl.bench.runner import claim
+
+    suite, agents = tiny_suite
+    one = BenchConfig(scenarios=suite_scenarios(suite), agents=("ppo",), train_seeds=2, test_seeds=2)
+    three = replace(one, repeat=3)
+    ids1, ids3 = [t.id for t in plan(one)], [t.id for t in plan(three)]
+    assert set(ids1) < set(ids3)  # the first repeat's trials, training included, are the same trials
+    added = set(ids3) - set(ids1)
+    assert added and all(i.startswith("eval/") and ("/r1/" in i or "/r2/" in i) for i in added)
+    assert len(added) == 2 * len([i for i in ids1 if i.startswith("eval/")])
+    out = tmp_path / "run"
+    out.mkdir()
+    claim(out, one, str(suite))
+    claim(out, three, str(suite))  # same run: resumes
+    assert json.loads((out / "benchmark.json").read_text())["config"]["repeat"] == 3
+    # a marker from before the fingerprint left `repeat` out (another hash, the same recorded configuration)
+    (out / "benchmark.json").write_text(json.dumps({"fingerprint": "0ld", "config": one.to_dict()}))
+    claim(out, three, str(suite))
+    for other in (replace(one, test_seeds=3), replace(one, agents=("dqn",)), replace(three, score_version=1)):
+        with pytest.raises(ValueError, match="another configuration"):
+            claim(out, other, str(suite))
 
 
 def test_unknown_methods_are_refused_before_anything_runs(tiny_suite, tmp_path):

@@ -279,6 +279,10 @@ def markdown(board: dict) -> str:
                          + (f"; prefill passes by the prefill probe ({d['calibrated_prefill_probe_s'] * 1000:.0f} ms): "
                             f"{d['prefill_factor_min']:.2f}-{d['prefill_factor_max']:.2f}, median "
                             f"{d['prefill_factor_median']:.2f}" if "prefill_factor_min" in d else "") + ".")
+        if len(rp.get("repeat_windows") or []) > 1:
+            lines.append("Repeats ran " + "; ".join(
+                f"r{w['repeat']} {w['finished_first']} to {w['finished_last']} on {', '.join(w['hosts'])} (git "
+                f"{', '.join(g[:8] for g in w['git'])})" for w in rp["repeat_windows"]) + " (shards' finish times).")
         for f in rp.get("ranking_flips") or []:
             lines.append(f"- `{f['pair'][0]}` and `{f['pair'][1]}` changed places between repeats (IQMs at most "
                          f"{100 * f['largest_relative_gap']:.1f} % apart in any repeat).")

@@ -60,8 +60,13 @@ class BenchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def fingerprint(self) -> str:
-        """Trials of another configuration are not results of this one (resume refuses to mix them)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Trials of another configuration are not results of this one (resume refuses to mix them).
+
+        ``repeat`` is left out: each repeat is its own evaluation trials (``r<repeat>`` in their ids) of the same
+        trained runs on the same test seeds, so a finished run given a larger ``--repeat`` runs only the repeats
+        it lacks, and a smaller one reads its first repeats."""
+        d = {k: v for k, v in self.to_dict().items() if k != "repeat"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:

@@ -66,6 +66,24 @@ def _tune_wave(trials: list[Trial], cfg: BenchConfig, out: Path, workers: int, s
         raise RuntimeError(f"{len(errors)} {trials[0].kind} trial(s) failed; first: {errors[0]}")
 
 
+def _same_but_repeat(config: dict | None, cfg: BenchConfig) -> bool:
+    return isinstance(config, dict) and ({k: v for k, v in config.items() if k != "repeat"}
+                                         == {k: v for k, v in cfg.to_dict().items() if k != "repeat"})
+
+
+def claim(out: Path, cfg: BenchConfig, suite: str) -> None:
+    """Mark ``out`` as this configuration's run, or refuse a folder that holds another configuration's trials.
+    The same configuration but for ``repeat`` is the same run (each repeat is trials of its own); a marker
+    written before the fingerprint left ``repeat`` out is recognised by its recorded configuration."""
+    marker = out / "benchmark.json"
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old.get("fingerprint") != cfg.fingerprint() and not _same_but_repeat(old.get("config"), cfg):
+            raise ValueError(f"{out} holds a benchmark of another configuration ({old.get('config')}); use another "
+                             f"--out or the same options to resume")
+    atomic_write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "suite": suite})
+
+
 def run_benchmark(cfg: BenchConfig, out: str | Path, suite: str, address: str | None = None, workers: int = 2,
                   say: Callable[[str], None] = print) -> dict:
     """Plan, run (resuming), and write ``leaderboard.json``, ``leaderboard.md`` and plots into ``out``."""
@@ -73,13 +91,7 @@ def run_benchmark(cfg: BenchConfig, out: str | Path, suite: str, address: str | 
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    marker = out / "benchmark.json"
-    if marker.exists():
-        old = json.loads(marker.read_text())
-        if old.get("fingerprint") != cfg.fingerprint():
-            raise ValueError(f"{out} holds a benchmark of another configuration ({old.get('config')}); use another "
-                             f"--out or the same options to resume")
-    atomic_write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "suite": suite})
+    claim(out, cfg, suite)
     trials = plan(cfg)
     pending = [t for t in trials if load_result(out, t.id) is None]
     say(f"{len(trials)} trials, {len(trials) - len(pending)} already done (resumed)" if len(pending) < len(trials)
@@ -114,13 +126,18 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
         name = Path(sc).stem
         prep = load_result(out, f"prepare/{name}") or {}
         for backend in cfg.backends:
-            per_repeat, workers, drift, medians = [], set(), [], None
+            per_repeat, workers, drift, medians, windows = [], set(), [], None, []
             for r in range(cfg.repeat):
                 shards = [load_result(out, t.id) for t in plan(cfg)
                           if t.kind == "eval" and t.scenario == sc and t.backend == backend and t.repeat == r]
                 if not shards or any(s is None for s in shards):
                     continue
                 workers |= {s["worker"]["host"] for s in shards}
+                # when each repeat ran (repeats added to a finished run later ran hours apart) and on which hosts
+                windows.append({"repeat": r, "finished_first": min(s["finished"] for s in shards),
+                                "finished_last": max(s["finished"] for s in shards),
+                                "hosts": sorted({s["worker"]["host"] for s in shards}),
+                                "git": sorted({str(s.get("git")) for s in shards})})
                 drift += [ep["drift"] for s in shards for ep in s["episodes"].values() if ep.get("drift")]
                 if medians is None:
                     medians = episode_medians(shards, methods)
@@ -129,7 +146,7 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
             if not per_repeat:
                 continue
             key = f"{name}/{backend}"
-            rp = repro(per_repeat)
+            rp = repro(per_repeat) | {"repeat_windows": windows}
             board["scenarios"][key] = {"stats": per_repeat[0], "repro": rp, "slo": prep.get("slo"),
                                        "best_static": prep.get("best_static"), "tuned_aimd": prep.get("tuned_aimd"),
                                        "workers": sorted(workers), "drift": drift_range(drift),

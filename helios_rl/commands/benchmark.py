@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", default="sim,live")
     p.add_argument("--repeat", type=int, default=1,
                    help="evaluate everything this many times: the leaderboard reports the run-to-run spread of "
-                        "each headline ratio and whether the ranking held")
+                        "each headline ratio and whether the ranking held; given to a finished run's --out, a "
+                        "larger --repeat adds the repeats it lacks (training and repeats already run are kept)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: a local Ray instance)")
     p.add_argument("--workers", type=int, default=2, help="trials at a time")
     p.add_argument("--agents-dir", default="agents")

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "profiles, probability of improvement). --quick runs a reduced configuration (the suite's "
                     "steady and exit-lever scenarios, PPO and DQN, 2 training seeds x 2,048 steps, 2 test seeds, the sim "
                     "and live backends on both, calibration on 300 tokens per point; measured on a 2-core CPU: 19 "
-                    "minutes, calibrations included (2026-12-04), and 45-46 minutes with --repeat 3 (2026-12-05, twice, "
+                    "minutes, calibrations included (2026-12-04, and 19 min 17 s on 2026-12-05's suite with both "
+                    "calibrations cold), and 45-46 minutes with --repeat 3 (2026-12-05, twice, "
                     "with the denser drift probe of that day, which adds wall time to live episodes off their clock); on "
                     "a machine half as fast, about twice that (estimated: loads are relative to its speed)). "
                     "A killed run resumes: run the same command again.")

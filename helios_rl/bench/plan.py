@@ -65,8 +65,13 @@ class BenchConfig:
         ``repeat`` is left out: each repeat is its own evaluation trials (``r<repeat>`` in their ids) of the same
         trained runs on the same test seeds, so a finished run given a larger ``--repeat`` runs only the repeats
         it lacks, and a smaller one reads its first repeats."""
-        d = {k: v for k, v in self.to_dict().items() if k != "repeat"}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return config_fingerprint(self.to_dict())
+
+
+def config_fingerprint(config: dict) -> str:
+    """:meth:`BenchConfig.fingerprint` of a configuration as recorded (``BenchConfig.to_dict``)."""
+    d = {k: v for k, v in config.items() if k != "repeat"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:

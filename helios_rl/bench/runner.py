@@ -18,7 +18,7 @@ from typing import Callable
 
 from helios_rl.bench.leaderboard import (drift_range, episode_medians, markdown, plots, repro, same_behaviour,
                                         scenario_stats, score_matrices)
-from helios_rl.bench.plan import BenchConfig, Trial, plan
+from helios_rl.bench.plan import BenchConfig, Trial, config_fingerprint, plan
 from helios_rl.bench.trials import load_result, run_trial
 from helios_rl.utils.io import atomic_write_json, atomic_write_text
 
@@ -66,11 +66,6 @@ def _tune_wave(trials: list[Trial], cfg: BenchConfig, out: Path, workers: int, s
         raise RuntimeError(f"{len(errors)} {trials[0].kind} trial(s) failed; first: {errors[0]}")
 
 
-def _same_but_repeat(config: dict | None, cfg: BenchConfig) -> bool:
-    return isinstance(config, dict) and ({k: v for k, v in config.items() if k != "repeat"}
-                                         == {k: v for k, v in cfg.to_dict().items() if k != "repeat"})
-
-
 def claim(out: Path, cfg: BenchConfig, suite: str) -> None:
     """Mark ``out`` as this configuration's run, or refuse a folder that holds another configuration's trials.
     The same configuration but for ``repeat`` is the same run (each repeat is trials of its own); a marker
@@ -78,7 +73,9 @@ def claim(out: Path, cfg: BenchConfig, suite: str) -> None:
     marker = out / "benchmark.json"
     if marker.exists():
         old = json.loads(marker.read_text())
-        if old.get("fingerprint") != cfg.fingerprint() and not _same_but_repeat(old.get("config"), cfg):
+        recorded = old.get("config")
+        if cfg.fingerprint() not in {old.get("fingerprint"),
+                                     config_fingerprint(recorded) if isinstance(recorded, dict) else None}:
             raise ValueError(f"{out} holds a benchmark of another configuration ({old.get('config')}); use another "
                              f"--out or the same options to resume")
     atomic_write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "suite": suite})
@@ -126,13 +123,12 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
         name = Path(sc).stem
         prep = load_result(out, f"prepare/{name}") or {}
         for backend in cfg.backends:
-            per_repeat, workers, drift, medians, windows = [], set(), [], None, []
+            per_repeat, drift, medians, windows = [], [], None, []
             for r in range(cfg.repeat):
                 shards = [load_result(out, t.id) for t in plan(cfg)
                           if t.kind == "eval" and t.scenario == sc and t.backend == backend and t.repeat == r]
                 if not shards or any(s is None for s in shards):
                     continue
-                workers |= {s["worker"]["host"] for s in shards}
                 # when each repeat ran (repeats added to a finished run later ran hours apart) and on which hosts
                 windows.append({"repeat": r, "finished_first": min(s["finished"] for s in shards),
                                 "finished_last": max(s["finished"] for s in shards),
@@ -149,7 +145,8 @@ def leaderboard(cfg: BenchConfig, out: Path, suite: str, ray_info: dict | None =
             rp = repro(per_repeat) | {"repeat_windows": windows}
             board["scenarios"][key] = {"stats": per_repeat[0], "repro": rp, "slo": prep.get("slo"),
                                        "best_static": prep.get("best_static"), "tuned_aimd": prep.get("tuned_aimd"),
-                                       "workers": sorted(workers), "drift": drift_range(drift),
+                                       "workers": sorted({h for w in windows for h in w["hosts"]}),
+                                       "drift": drift_range(drift),
                                        "episode_medians": medians}
             head = per_repeat[0].get("best_agent_vs_best_baseline_iqm") or {}
             board["summary"][key] = {"best_agent_vs_best_baseline_iqm": head.get("value"), "ci": head.get("ci"),
